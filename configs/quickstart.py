@@ -1,0 +1,32 @@
+# pylint: disable=line-too-long
+r"""Quick start: a small NiN on scikit-learn's 8x8 digits (embedded, no download).
+
+  python -m nin_jax.main --config=configs/quickstart.py --workdir=runs/quickstart
+"""
+
+import ml_collections
+
+from nin_jax import config_lib
+
+
+def get_config() -> ml_collections.ConfigDict:
+  c = config_lib.default_config()
+  c.preset = 'quickstart'
+  c.dataset = 'sklearn:digits'
+  c.preprocessing = 'scale'
+  c.augment = True
+  c.translate_pixels = 1
+  c.model.weight_init = 'modern'
+  c.model.batch_norm = True       # Without it this small net can stall at ln(10).
+  c.batch_size = 64
+  c.eval_batch_size = 360
+  c.num_epochs = 40.0
+  c.learning_rate = 0.1
+  c.weight_decay = 5e-4
+  c.last_layer_lr_mult = 1.0
+  c.schedule = 'cosine'
+  c.warmup_epochs = 1.0
+  c.log_every_steps = 20
+  c.eval_every_steps = 0
+  c.checkpoint_every_steps = 0
+  return c

@@ -1,0 +1,201 @@
+"""The default experiment config and its validation.
+
+Every config in `configs/` starts from `default_config()` and changes a few
+fields; `validate_config` checks a config before anything is compiled, loaded
+or written, and names the offending field in its error.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional
+
+import ml_collections
+
+from nin_jax import models
+
+SCHEDULES = ('constant', 'step', 'plateau', 'cosine', 'one_cycle')
+OPTIMIZERS = ('sgd', 'nesterov')
+PREPROCESSING = ('scale', 'standardize', 'gcn_zca', 'lcn', 'none')
+DTYPES = ('float32', 'bfloat16', 'float16')
+DATASET_KINDS = ('npz', 'tfds', 'sklearn')
+SKLEARN_DATASETS = ('digits',)
+TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012')
+
+
+class ConfigError(ValueError):
+  """A config field has a value nin-jax cannot run with."""
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Every hyperparameter nin-jax reads, with its default, named once."""
+  c = ml_collections.ConfigDict()
+  c.preset = 'cifar10'            # models.PRESETS key: the architecture.
+  # Data: 'npz:PATH' (Keras layout), 'tfds:NAME' or 'sklearn:digits'.
+  c.dataset = 'tfds:cifar10'
+  c.data_dir = ''                 # TFDS data_dir ('' = TFDS default).
+  c.cache_dir = ''                # ZCA statistics cache ('' = ~/.cache/nin_jax).
+  c.preprocessing = 'scale'       # One of PREPROCESSING.
+  c.validation_split = False      # Hold out the paper's validation set.
+  c.augment = False               # Random translation (+ flip) on device.
+  c.translate_pixels = 4
+  c.flip = True                   # Horizontal flip (off for digits).
+
+  c.model = ml_collections.ConfigDict()
+  c.model.head = 'gap'            # 'gap' (paper) or 'fc' (Table 5 ablation).
+  c.model.dropout_rate = 0.5      # Between mlpconv blocks.
+  c.model.head_dropout_rate = 0.0  # Before the fc head.
+  c.model.weight_init = 'faithful'  # 'faithful' (N(0, .05)) or 'modern' (He).
+  c.model.batch_norm = False
+  c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
+  c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
+  c.dtype = 'float32'             # Compute dtype; params stay float32.
+
+  c.batch_size = 128              # Global, over all devices and processes.
+  c.eval_batch_size = 500
+  c.num_epochs = 10.0
+  c.num_train_steps = -1          # -1: derived from num_epochs.
+
+  c.optimizer = 'sgd'
+  c.learning_rate = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 1e-4           # Weights only, never biases (as Caffe).
+  c.bias_lr_mult = 2.0            # Caffe's lr_mult for biases.
+  c.last_layer_lr_mult = 0.1      # Caffe's lr_mult for the class-map layer.
+  c.schedule = 'plateau'
+  c.warmup_epochs = 0.0
+  c.lr_boundaries_epochs = ()     # 'step': epochs at which lr *= lr_decay.
+  c.lr_decay = 0.1
+  c.plateau_patience_epochs = 5   # 'plateau': epochs without train-accuracy gain.
+  c.plateau_max_reductions = 2    # The paper divided by 10 twice.
+
+  c.seed = 0
+  c.log_every_steps = 50
+  c.eval_every_steps = 0          # 0: once per epoch.
+  c.checkpoint_every_steps = 0    # 0: once per epoch.
+  c.keep_checkpoints = 3
+  c.skip_nonfinite_steps = False  # True: skip a NaN/Inf step instead of stopping.
+  return c
+
+
+def parse_dataset(dataset: str) -> tuple[str, str]:
+  """'npz:PATH' -> ('npz', 'PATH'); raises ConfigError naming `dataset`."""
+  kind, sep, name = dataset.partition(':')
+  if not sep or kind not in DATASET_KINDS or not name:
+    raise ConfigError(
+        f"config.dataset={dataset!r}: expected 'npz:PATH', 'tfds:NAME' "
+        f"(NAME in {TFDS_DATASETS}) or 'sklearn:digits'.")
+  if kind == 'sklearn' and name not in SKLEARN_DATASETS:
+    raise ConfigError(f'config.dataset={dataset!r}: the embedded datasets are '
+                      f'{["sklearn:" + n for n in SKLEARN_DATASETS]}.')
+  if kind == 'tfds' and name.split('/')[0].split(':')[0] not in TFDS_DATASETS:
+    raise ConfigError(f'config.dataset={dataset!r}: supported TFDS datasets '
+                      f'are {TFDS_DATASETS}.')
+  return kind, name
+
+
+def _check(ok: bool, field: str, value, expected: str) -> None:
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: {expected}.')
+
+
+def validate_config(c: ml_collections.ConfigDict,
+                    num_devices: Optional[int] = None) -> None:
+  """Raises ConfigError naming the first invalid field of `c`.
+
+  `num_devices`: the global device count the batch is split over.
+  """
+  _check(c.preset in models.PRESETS, 'preset', c.preset,
+         f'must be one of {sorted(models.PRESETS)}')
+  parse_dataset(c.dataset)
+  _check(c.preprocessing in PREPROCESSING, 'preprocessing', c.preprocessing,
+         f'must be one of {PREPROCESSING}')
+  _check(c.model.head in models.HEADS, 'model.head', c.model.head,
+         f'must be one of {models.HEADS}')
+  _check(c.model.weight_init in models.INITS, 'model.weight_init',
+         c.model.weight_init, f'must be one of {models.INITS}')
+  _check(c.model.second_pool in ('', 'max', 'avg'), 'model.second_pool',
+         c.model.second_pool, "must be '', 'max' or 'avg'")
+  for field in ('dropout_rate', 'head_dropout_rate'):
+    rate = c.model[field]
+    _check(0.0 <= rate < 1.0, f'model.{field}', rate, 'must be in [0, 1)')
+  _check(c.dtype in DTYPES, 'dtype', c.dtype, f'must be one of {DTYPES}')
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps',
+                'keep_checkpoints'):
+    _check(isinstance(c[field], int) and c[field] > 0, field, c[field],
+           'must be a positive integer')
+  for field in ('eval_every_steps', 'checkpoint_every_steps'):
+    _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
+           'must be a non-negative integer (0 = once per epoch)')
+  _check(c.learning_rate > 0 and math.isfinite(c.learning_rate),
+         'learning_rate', c.learning_rate, 'must be a positive number')
+  _check(c.weight_decay >= 0, 'weight_decay', c.weight_decay,
+         'must be >= 0')
+  _check(0 <= c.momentum < 1, 'momentum', c.momentum, 'must be in [0, 1)')
+  for field in ('bias_lr_mult', 'last_layer_lr_mult'):
+    _check(c[field] >= 0, field, c[field], 'must be >= 0')
+  _check(c.optimizer in OPTIMIZERS, 'optimizer', c.optimizer,
+         f'must be one of {OPTIMIZERS}')
+  _check(c.schedule in SCHEDULES, 'schedule', c.schedule,
+         f'must be one of {SCHEDULES}')
+  _check(0 < c.lr_decay <= 1, 'lr_decay', c.lr_decay, 'must be in (0, 1]')
+  _check(c.warmup_epochs >= 0, 'warmup_epochs', c.warmup_epochs,
+         'must be >= 0')
+  _check(all(b > 0 for b in c.lr_boundaries_epochs), 'lr_boundaries_epochs',
+         c.lr_boundaries_epochs, 'must be positive epochs')
+  _check(c.plateau_patience_epochs > 0, 'plateau_patience_epochs',
+         c.plateau_patience_epochs, 'must be positive')
+  _check(c.plateau_max_reductions >= 0, 'plateau_max_reductions',
+         c.plateau_max_reductions, 'must be >= 0')
+  if c.num_train_steps == -1:
+    _check(c.num_epochs > 0, 'num_epochs', c.num_epochs,
+           'must be positive (or set num_train_steps)')
+  else:
+    _check(isinstance(c.num_train_steps, int) and c.num_train_steps > 0,
+           'num_train_steps', c.num_train_steps,
+           'must be a positive integer, or -1 to use num_epochs')
+  _check(c.translate_pixels >= 0, 'translate_pixels', c.translate_pixels,
+         'must be >= 0')
+  if num_devices is not None:
+    for field in ('batch_size', 'eval_batch_size'):
+      _check(c[field] % num_devices == 0, field, c[field],
+             f'must be divisible by the {num_devices} devices (e.g. '
+             f'{max(1, c[field] // num_devices) * num_devices})')
+
+
+def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
+                     channels: int) -> None:
+  """Raises ConfigError if the preset cannot pool an input of this size down."""
+  del channels
+  blocks = models.PRESETS[c.preset].blocks
+  for size in (height, width):
+    if models.output_size(blocks, size) < 1:
+      raise ConfigError(
+          f'config.preset={c.preset!r} cannot take {height}x{width} images '
+          f'(its convolutions and pools need at least '
+          f'{_min_input_size(blocks)} pixels); pick a preset made for '
+          f'this dataset.')
+
+
+def _min_input_size(blocks) -> int:
+  size = 1
+  while models.output_size(blocks, size) < 1:
+    size += 1
+  return size
+
+
+def check_workdir(workdir: str) -> None:
+  """Raises ConfigError if `workdir` (a local path) cannot be created or written."""
+  if '://' in workdir:
+    return
+  path = os.path.abspath(workdir)
+  probe = path
+  while not os.path.exists(probe):
+    parent = os.path.dirname(probe)
+    if parent == probe:
+      break
+    probe = parent
+  if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+    raise ConfigError(f'--workdir={workdir!r} is not writable ({probe} is '
+                      f'not a writable directory); choose another workdir.')

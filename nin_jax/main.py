@@ -1,0 +1,46 @@
+r"""Command-line entry point: `python -m nin_jax.main --config=C --workdir=W`.
+
+Intentionally short: it parses flags, joins a multi-process run when asked to,
+logs the devices and hands the config to `train.train_and_evaluate`.
+Override any config field with `--config.FIELD=VALUE`.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from nin_jax import config_lib
+from nin_jax import runtime
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file(
+    'config', None, 'Path to a config file (configs/*.py).', lock_config=True)
+flags.DEFINE_string('workdir', None, 'Directory for checkpoints and metrics.')
+flags.DEFINE_string('coordinator_address', None,
+                    'host:port of process 0, for a multi-process run.')
+flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
+flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                     FLAGS.process_id)
+  from nin_jax import train  # pylint: disable=g-import-not-at-top
+  logging.info('Process %d of %d; %d local / %d global devices (%s).',
+               jax.process_index(), jax.process_count(),
+               jax.local_device_count(), jax.device_count(),
+               jax.default_backend())
+  try:
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  except config_lib.ConfigError as e:
+    raise app.UsageError(str(e)) from None
+  logging.info('Done: %s', result)
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,117 @@
+"""Caffe-style SGD for NiN, built from optax pieces.
+
+Weight decay on weights only, per-layer learning-rate multipliers (biases x2,
+the class-map layer x0.1, as the author's Caffe solver), momentum, and one of
+the schedules: constant, Caffe step, the paper's plateau rule, cosine and
+one-cycle.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, 'key', getattr(k, 'name', k))) for k in path)
+
+
+def last_layer_name(params: Any) -> tuple[str, ...]:
+  """Path prefix of the layer that produces the logits (or class maps)."""
+  if 'fc' in params:
+    return ('fc',)
+  last_block = sorted((k for k in params if k.startswith('mlpconv')),
+                      key=lambda k: int(k[len('mlpconv'):]))[-1]
+  layers = sorted((k for k in params[last_block] if k.startswith('cccp')),
+                  key=lambda k: int(k[len('cccp'):]))
+  return (last_block, layers[-1] if layers else 'conv')
+
+
+def param_labels(params: Any) -> Any:
+  """Labels each leaf 'weight', 'bias', 'last_weight', 'last_bias' or 'norm'."""
+  last = last_layer_name(params)
+
+  def label(path, _):
+    names = _path_names(path)
+    is_last = names[:len(last)] == last
+    if names[-1] == 'kernel':
+      return 'last_weight' if is_last else 'weight'
+    if names[-1] == 'bias' and any(n.startswith('bn') for n in names):
+      return 'norm'
+    if names[-1] == 'bias':
+      return 'last_bias' if is_last else 'bias'
+    return 'norm'
+
+  return jax.tree_util.tree_map_with_path(label, params)
+
+
+def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
+                           num_steps: int) -> Schedule:
+  """The base learning rate as a function of the step (before plateau cuts)."""
+  warmup = int(round(c.warmup_epochs * steps_per_epoch))
+  lr = c.learning_rate
+  if c.schedule in ('constant', 'plateau'):
+    main = optax.constant_schedule(lr)
+  elif c.schedule == 'step':
+    boundaries = {int(round(e * steps_per_epoch)) - warmup: c.lr_decay
+                  for e in c.lr_boundaries_epochs}
+    main = optax.piecewise_constant_schedule(lr, boundaries)
+  elif c.schedule == 'cosine':
+    main = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
+  elif c.schedule == 'one_cycle':
+    return optax.cosine_onecycle_schedule(num_steps, lr)
+  else:
+    raise ValueError(f'config.schedule={c.schedule!r} is not a schedule.')
+  if warmup == 0:
+    return main
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
+
+
+def create_optimizer(c: ml_collections.ConfigDict, params: Any,
+                     steps_per_epoch: int,
+                     num_steps: int) -> tuple[optax.GradientTransformation,
+                                              Schedule]:
+  """Returns (optimizer, base schedule) for the params tree `params`.
+
+  With `schedule='plateau'` the optimizer's `update` takes `value=`, the
+  training error of the batch; the learning rate is divided by 10 when its
+  epoch average stops improving, at most `plateau_max_reductions` times.
+  """
+  labels = param_labels(params)
+  multipliers = {'weight': 1.0, 'bias': c.bias_lr_mult,
+                 'last_weight': c.last_layer_lr_mult,
+                 'last_bias': c.last_layer_lr_mult * c.bias_lr_mult,
+                 'norm': 1.0}
+  decay_mask = jax.tree.map(lambda l: l in ('weight', 'last_weight'), labels)
+  schedule = learning_rate_schedule(c, steps_per_epoch, num_steps)
+  parts = [
+      optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
+      optax.multi_transform(
+          {k: optax.scale(m) for k, m in multipliers.items()}, labels),
+      optax.sgd(schedule, momentum=c.momentum or None,
+                nesterov=c.optimizer == 'nesterov'),
+  ]
+  if c.schedule == 'plateau':
+    parts.append(optax.contrib.reduce_on_plateau(
+        factor=c.lr_decay, patience=c.plateau_patience_epochs,
+        accumulation_size=steps_per_epoch,
+        min_scale=c.lr_decay ** c.plateau_max_reductions * (1 - 1e-6)))
+  return optax.chain(*parts), schedule
+
+
+def current_learning_rate(schedule: Schedule, opt_state: Any,
+                          step: jax.Array) -> jax.Array:
+  """The learning rate in effect at `step`, plateau reductions included."""
+  lr = schedule(step)
+  is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
+  for leaf in jax.tree.leaves(opt_state, is_leaf=is_plateau):
+    if is_plateau(leaf):
+      lr = lr * jnp.asarray(leaf.scale, lr.dtype)
+  return lr

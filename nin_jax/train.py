@@ -1,0 +1,401 @@
+"""Training and evaluation of NiN: the state, the compiled steps and the loop.
+
+The loop is data parallel over every device of every process: one `Mesh` with
+a 'data' axis, the batch sharded along it, parameters and optimizer state
+replicated, and one `jax.jit`-compiled step. The same code runs on one CPU,
+several GPUs or a TPU slice.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import signal
+import time
+from typing import Any, Callable, Optional
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+from etils import epath
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from nin_jax import checkpoints
+from nin_jax import config_lib
+from nin_jax import input_pipeline
+from nin_jax import metric_writers
+from nin_jax import models
+from nin_jax import optimizer as optimizer_lib
+
+DATA_AXIS = 'data'
+# Fields that define the architecture: a checkpoint only fits a config that
+# agrees on all of them.
+ARCHITECTURE_FIELDS = ('preset', 'model')
+
+
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN or Inf."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: saved whole in each checkpoint."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  rng: jax.Array  # uint32 key data of the run's base PRNG key.
+
+
+def create_mesh(devices: Optional[list] = None) -> Mesh:
+  """A 1-D mesh over all (global) devices with axis 'data'."""
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def build_model(c: ml_collections.ConfigDict) -> models.NiN:
+  """The NiN of `c.preset` with the config's model fields."""
+  return models.create_model(
+      c.preset,
+      second_pool=c.model.second_pool or None,
+      head=c.model.head,
+      dropout_rate=c.model.dropout_rate,
+      head_dropout_rate=c.model.head_dropout_rate,
+      weight_init=c.model.weight_init,
+      batch_norm=c.model.batch_norm,
+      final_relu=c.model.final_relu,
+      dtype=None if c.dtype == 'float32' else jnp.dtype(c.dtype))
+
+
+def init_variables(model: models.NiN, image_shape: tuple[int, ...],
+                   seed: int) -> dict[str, Any]:
+  """Initial variables for images of `image_shape` [height, width, channels]."""
+  dummy = jnp.zeros((1, *image_shape), jnp.float32)
+  return model.init({'params': jax.random.key(seed)}, dummy, train=False)
+
+
+def create_train_state(model: models.NiN, tx: optax.GradientTransformation,
+                       image_shape: tuple[int, ...], seed: int) -> TrainState:
+  variables = init_variables(model, image_shape, seed)
+  params = variables['params']
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get('batch_stats', {}),
+      opt_state=tx.init(params),
+      rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def _apply(model, state_or_params, batch_stats, images, train, rng=None):
+  variables = {'params': state_or_params}
+  if batch_stats:
+    variables['batch_stats'] = batch_stats
+  if train:
+    return model.apply(variables, images, train=True, rngs={'dropout': rng},
+                       mutable=['batch_stats'] if batch_stats else [])
+  return model.apply(variables, images, train=False)
+
+
+def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
+               model: models.NiN, tx: optax.GradientTransformation,
+               schedule: optimizer_lib.Schedule, augment_fn: Optional[Callable],
+               plateau: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One SGD step on a global batch: images [batch, h, w, c], labels [batch].
+
+  Dropout and augmentation keys are folded from (run key, step), so a run is
+  reproducible and independent of the device count.
+  """
+  step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
+                                state.step)
+  dropout_key, augment_key = jax.random.split(step_key)
+  if augment_fn is not None:
+    images = augment_fn(images, augment_key)
+
+  def loss_fn(params):
+    logits, updates = _apply(model, params, state.batch_stats, images, True,
+                             dropout_key)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits,
+                                                           labels).mean()
+    return loss, (logits, updates)
+
+  (loss, (logits, updates)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+  extra = {'value': 1.0 - accuracy} if plateau else {}
+  param_updates, opt_state = tx.update(grads, state.opt_state, state.params,
+                                       **extra)
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  # A non-finite step leaves params, statistics and optimizer state as they
+  # were, so nothing non-finite can reach a checkpoint.
+  keep_if_bad = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=keep_if_bad(optax.apply_updates(state.params, param_updates),
+                         state.params),
+      batch_stats=keep_if_bad(updates.get('batch_stats', state.batch_stats),
+                              state.batch_stats),
+      opt_state=keep_if_bad(opt_state, state.opt_state))
+  metrics = {
+      'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm,
+      'learning_rate': optimizer_lib.current_learning_rate(
+          schedule, state.opt_state, state.step),
+      'finite': finite,
+  }
+  return new_state, metrics
+
+
+def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
+              mask: jax.Array, *, model: models.NiN) -> dict[str, jax.Array]:
+  """Sums of loss and correct predictions over the unmasked rows of a batch."""
+  logits = _apply(model, state.params, state.batch_stats, images, False)
+  losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  correct = jnp.argmax(logits, -1) == labels
+  return {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+          'correct': jnp.sum(jnp.where(mask, correct, 0)),
+          'count': jnp.sum(mask)}
+
+
+def evaluate(eval_fn: Callable, state: TrainState, split: input_pipeline.Split,
+             batch_size: int, sharding: NamedSharding) -> dict[str, float]:
+  """Loss, accuracy and error over every example of `split`, each once."""
+  totals = None
+  for batch in input_pipeline.eval_batches(split, batch_size, sharding):
+    sums = eval_fn(state, *batch)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  totals = jax.device_get(totals)
+  count = int(totals['count'])
+  accuracy = float(totals['correct']) / count
+  return {'loss': float(totals['loss_sum']) / count, 'accuracy': accuracy,
+          'error': 1.0 - accuracy, 'examples': count}
+
+
+def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
+                  tx: optax.GradientTransformation,
+                  schedule: optimizer_lib.Schedule, mesh: Mesh,
+                  state_sharding: Any) -> tuple[Callable, Callable]:
+  """The jitted train and eval steps, batch sharded over 'data'."""
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  augment_fn = None
+  if c.augment:
+    augment_fn = functools.partial(
+        input_pipeline.augment, translate=c.translate_pixels,
+        flip=input_pipeline.flip_allowed(c))
+  train_fn = jax.jit(
+      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
+                        augment_fn=augment_fn, plateau=c.schedule == 'plateau'),
+      in_shardings=(state_sharding, data, data),
+      out_shardings=(state_sharding, NamedSharding(mesh, P())),
+      donate_argnums=(0,))
+  eval_fn = jax.jit(functools.partial(eval_step, model=model),
+                    in_shardings=(state_sharding, data, data, data),
+                    out_shardings=NamedSharding(mesh, P()))
+  return train_fn, eval_fn
+
+
+def num_train_steps(c: ml_collections.ConfigDict, num_examples: int) -> int:
+  if c.num_train_steps > 0:
+    return c.num_train_steps
+  return max(1, int(math.ceil(
+      c.num_epochs * input_pipeline.steps_per_epoch(num_examples,
+                                                    c.batch_size))))
+
+
+def check_resume_compatible(c: ml_collections.ConfigDict, workdir: str
+                            ) -> None:
+  """Raises ConfigError if WORKDIR holds checkpoints of another architecture."""
+  saved_path = epath.Path(workdir) / 'config.json'
+  ckpt_dir = epath.Path(workdir) / 'checkpoints'
+  if not saved_path.exists() or not ckpt_dir.exists() or not any(
+      p.name.isdigit() for p in ckpt_dir.iterdir()):
+    return
+  saved = json.loads(saved_path.read_text())
+  current = json.loads(c.to_json())
+  for field in ARCHITECTURE_FIELDS:
+    if saved.get(field) != current.get(field):
+      raise config_lib.ConfigError(
+          f'--workdir={workdir} holds checkpoints of config.{field}='
+          f'{saved.get(field)!r} but this run has config.{field}='
+          f'{current.get(field)!r}; use a new workdir or the same {field}.')
+
+
+def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
+  if jax.process_index() == 0:
+    path = epath.Path(workdir)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / 'config.json').write_text(c.to_json(indent=2, sort_keys=True))
+
+
+class _PreemptionFlag:
+  """Set by SIGTERM; the loop then checkpoints and returns."""
+
+  def __init__(self):
+    self.raised = False
+    self._previous = None
+
+  def __enter__(self):
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # Not the main thread: leave signals alone.
+      self._previous = None
+    return self
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.raised = True
+
+  def __exit__(self, *exc):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _format_eta(seconds: float) -> str:
+  seconds = int(max(0, seconds))
+  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
+
+
+def train_and_evaluate(c: ml_collections.ConfigDict,
+                       workdir: str) -> dict[str, Any]:
+  """Trains `c` in `workdir`, resuming from its newest checkpoint.
+
+  Returns the final evaluation metrics (and 'step'). Raises ConfigError for an
+  invalid config before anything is compiled or written, NonFiniteError when
+  the loss or gradient stops being finite.
+  """
+  num_devices = jax.device_count()
+  config_lib.validate_config(c, num_devices)
+  config_lib.check_workdir(workdir)
+  check_resume_compatible(c, workdir)
+  dataset = input_pipeline.load_dataset(
+      c, models.PRESETS[c.preset].num_classes)
+  config_lib.check_image_size(c, *dataset.image_shape)
+
+  mesh = create_mesh()
+  replicated = NamedSharding(mesh, P())
+  data_sharding = NamedSharding(mesh, P(DATA_AXIS))
+  model = build_model(c)
+  per_epoch = input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size)
+  total_steps = num_train_steps(c, len(dataset.train))
+  params_shape = jax.eval_shape(
+      lambda: init_variables(model, dataset.image_shape, c.seed))['params']
+  tx, schedule = optimizer_lib.create_optimizer(c, params_shape, per_epoch,
+                                                total_steps)
+  state = jax.jit(
+      functools.partial(create_train_state, model, tx, dataset.image_shape),
+      static_argnums=0, out_shardings=replicated)(c.seed)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+
+  write_config(c, workdir)
+  manager = checkpoints.create_manager(workdir, c.keep_checkpoints)
+  restored_step, state = checkpoints.restore_latest(manager, state)
+  if restored_step is not None:
+    logging.info('Resumed from the checkpoint at step %d.', restored_step)
+  start_step = int(state.step)
+
+  train_fn, eval_fn = compile_steps(c, model, tx, schedule, mesh,
+                                    state_sharding)
+  writer = metric_writers.MetricWriter(workdir)
+  eval_every = c.eval_every_steps or per_epoch
+  ckpt_every = c.checkpoint_every_steps or per_epoch
+  batches = input_pipeline.train_batches(dataset.train, c.seed, c.batch_size,
+                                         start_step, data_sharding)
+  logging.info('Training %s (%d params) on %d device(s) for %d steps '
+               '(%d per epoch) from step %d.', c.preset,
+               sum(x.size for x in jax.tree.leaves(state.params)), num_devices,
+               total_steps, per_epoch, start_step)
+
+  def run_eval(step: int) -> dict[str, Any]:
+    metrics = evaluate(eval_fn, state, dataset.eval, c.eval_batch_size,
+                       data_sharding)
+    writer.write(step, dataset.eval_name, metrics)
+    logging.info('step %d %s: loss %.4f accuracy %.4f error %.4f', step,
+                 dataset.eval_name, metrics['loss'], metrics['accuracy'],
+                 metrics['error'])
+    return metrics
+
+  last_saved = restored_step
+  pending = None  # (step, metrics) of the step dispatched before this one.
+  window = {'loss': [], 'accuracy': [], 'time': time.time(), 'step': start_step}
+  eval_metrics = None
+  step = start_step
+
+  def handle_metrics(done_step: int, metrics: dict[str, jax.Array]) -> None:
+    nonlocal window
+    m = jax.device_get(metrics)
+    if not bool(m['finite']):
+      if c.skip_nonfinite_steps:
+        logging.warning('Step %d: non-finite loss %s or gradient norm %s.',
+                        done_step, m['loss'], m['grad_norm'])
+        return
+      raise NonFiniteError(
+          f'Step {done_step}: loss {float(m["loss"])}, gradient norm '
+          f'{float(m["grad_norm"])} is not finite; stopped. The last good '
+          f'checkpoint is step {last_saved} in {workdir}/checkpoints. '
+          f'Lower config.learning_rate or use config.model.weight_init='
+          f"'modern'.")
+    window['loss'].append(float(m['loss']))
+    window['accuracy'].append(float(m['accuracy']))
+    count = done_step + 1 - window['step']
+    if (done_step + 1) % c.log_every_steps == 0 or done_step + 1 == total_steps:
+      elapsed = time.time() - window['time']
+      images_per_sec = count * c.batch_size / max(elapsed, 1e-9)
+      record = {'loss': np.mean(window['loss']),
+                'accuracy': np.mean(window['accuracy']),
+                'learning_rate': float(m['learning_rate']),
+                'grad_norm': float(m['grad_norm']),
+                'images_per_sec': images_per_sec,
+                'epoch': (done_step + 1) / per_epoch}
+      writer.write(done_step + 1, 'train', record)
+      eta = (total_steps - done_step - 1) * c.batch_size / max(
+          images_per_sec, 1e-9)
+      logging.info('step %d/%d loss %.4f acc %.4f lr %.3g %.0f img/s ETA %s',
+                   done_step + 1, total_steps, record['loss'],
+                   record['accuracy'], record['learning_rate'],
+                   images_per_sec, _format_eta(eta))
+      window = {'loss': [], 'accuracy': [], 'time': time.time(),
+                'step': done_step + 1}
+
+  def checkpoint(at_step: int) -> None:
+    nonlocal last_saved
+    if last_saved == at_step:
+      return
+    checkpoints.save(manager, at_step, state, force=True)
+    last_saved = at_step
+
+  try:
+    with _PreemptionFlag() as preempted:
+      while step < total_steps:
+        state, metrics = train_fn(state, *next(batches))
+        if pending is not None:
+          handle_metrics(*pending)
+        pending = (step, metrics)
+        step += 1
+        boundary = (step % eval_every == 0, step % ckpt_every == 0)
+        if any(boundary) or preempted.raised or step == total_steps:
+          handle_metrics(*pending)
+          pending = None
+        if boundary[0] and step < total_steps:
+          eval_metrics = run_eval(step)
+        if boundary[1] and step < total_steps:
+          checkpoint(step)
+        if preempted.raised:
+          logging.warning('SIGTERM: saved step %d; exiting.', step)
+          checkpoint(step)
+          break
+      if pending is not None:
+        handle_metrics(*pending)
+      if step == total_steps:
+        eval_metrics = run_eval(step)
+        checkpoint(step)
+  finally:
+    manager.wait_until_finished()
+    manager.close()
+    writer.close()
+  result = dict(eval_metrics or {})
+  result['step'] = step
+  return result
