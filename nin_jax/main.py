@@ -25,9 +25,18 @@ flags.DEFINE_integer('process_id', None, 'Index of this process.')
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
+class _QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax and tensorstore (warnings still show)."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.logging.WARNING or
+            'orbax' not in record.pathname)
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietLibraries())
   runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                      FLAGS.process_id)
   from nin_jax import train  # pylint: disable=g-import-not-at-top

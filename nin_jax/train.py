@@ -8,6 +8,7 @@ several GPUs or a TPU slice.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -259,6 +260,47 @@ def _format_eta(seconds: float) -> str:
   return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
+@dataclasses.dataclass(frozen=True)
+class Trainer:
+  """The compiled pieces of a run: model, optimizer, initial state, steps."""
+  model: models.NiN
+  tx: optax.GradientTransformation
+  schedule: optimizer_lib.Schedule
+  state: TrainState
+  train_fn: Callable  # (state, images, labels) -> (state, metrics)
+  eval_fn: Callable   # (state, images, labels, mask) -> sums
+  mesh: Mesh
+  data_sharding: NamedSharding
+  steps_per_epoch: int
+  total_steps: int
+
+
+def create_trainer(c: ml_collections.ConfigDict,
+                   image_shape: tuple[int, int, int], num_train_examples: int,
+                   mesh: Optional[Mesh] = None) -> Trainer:
+  """Builds the model, optimizer, replicated initial state and jitted steps.
+
+  `image_shape` [height, width, channels] of the (preprocessed) inputs.
+  """
+  mesh = create_mesh() if mesh is None else mesh
+  replicated = NamedSharding(mesh, P())
+  model = build_model(c)
+  per_epoch = input_pipeline.steps_per_epoch(num_train_examples, c.batch_size)
+  total_steps = num_train_steps(c, num_train_examples)
+  params_shape = jax.eval_shape(
+      lambda: init_variables(model, image_shape, c.seed))['params']
+  tx, schedule = optimizer_lib.create_optimizer(c, params_shape, per_epoch,
+                                                total_steps)
+  state = jax.jit(functools.partial(create_train_state, model, tx,
+                                    tuple(image_shape)),
+                  static_argnums=0, out_shardings=replicated)(c.seed)
+  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  train_fn, eval_fn = compile_steps(c, model, tx, schedule, mesh,
+                                    state_sharding)
+  return Trainer(model, tx, schedule, state, train_fn, eval_fn, mesh,
+                 NamedSharding(mesh, P(DATA_AXIS)), per_epoch, total_steps)
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `c` in `workdir`, resuming from its newest checkpoint.
@@ -275,20 +317,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
       c, models.PRESETS[c.preset].num_classes)
   config_lib.check_image_size(c, *dataset.image_shape)
 
-  mesh = create_mesh()
-  replicated = NamedSharding(mesh, P())
-  data_sharding = NamedSharding(mesh, P(DATA_AXIS))
-  model = build_model(c)
-  per_epoch = input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size)
-  total_steps = num_train_steps(c, len(dataset.train))
-  params_shape = jax.eval_shape(
-      lambda: init_variables(model, dataset.image_shape, c.seed))['params']
-  tx, schedule = optimizer_lib.create_optimizer(c, params_shape, per_epoch,
-                                                total_steps)
-  state = jax.jit(
-      functools.partial(create_train_state, model, tx, dataset.image_shape),
-      static_argnums=0, out_shardings=replicated)(c.seed)
-  state_sharding = jax.tree.map(lambda x: x.sharding, state)
+  trainer = create_trainer(c, dataset.image_shape, len(dataset.train))
+  train_fn, eval_fn = trainer.train_fn, trainer.eval_fn
+  data_sharding = trainer.data_sharding
+  per_epoch, total_steps = trainer.steps_per_epoch, trainer.total_steps
+  state = trainer.state
 
   write_config(c, workdir)
   manager = checkpoints.create_manager(workdir, c.keep_checkpoints)
@@ -297,8 +330,6 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     logging.info('Resumed from the checkpoint at step %d.', restored_step)
   start_step = int(state.step)
 
-  train_fn, eval_fn = compile_steps(c, model, tx, schedule, mesh,
-                                    state_sharding)
   writer = metric_writers.MetricWriter(workdir)
   eval_every = c.eval_every_steps or per_epoch
   ckpt_every = c.checkpoint_every_steps or per_epoch
