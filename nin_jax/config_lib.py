@@ -199,3 +199,19 @@ def check_workdir(workdir: str) -> None:
   if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
     raise ConfigError(f'--workdir={workdir!r} is not writable ({probe} is '
                       f'not a writable directory); choose another workdir.')
+
+
+def sibling_config(this_file: str, name: str,
+                   *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file `name` beside `this_file`.
+
+  Lets configs/cifar10_aug.py start from configs/cifar10.py without relying
+  on the working directory being on sys.path.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
+  spec = importlib.util.spec_from_file_location(
+      f'nin_jax_config_{name.removesuffix(".py")}', path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)

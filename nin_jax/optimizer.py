@@ -23,11 +23,15 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def last_layer_name(params: Any) -> tuple[str, ...]:
-  """Path prefix of the layer that produces the logits (or class maps)."""
+  """Path prefix of the layer that produces the logits (or class maps); () if
+  `params` is not a NiN's."""
   if 'fc' in params:
     return ('fc',)
-  last_block = sorted((k for k in params if k.startswith('mlpconv')),
-                      key=lambda k: int(k[len('mlpconv'):]))[-1]
+  blocks = sorted((k for k in params if k.startswith('mlpconv')),
+                  key=lambda k: int(k[len('mlpconv'):]))
+  if not blocks:
+    return ()
+  last_block = blocks[-1]
   layers = sorted((k for k in params[last_block] if k.startswith('cccp')),
                   key=lambda k: int(k[len('cccp'):]))
   return (last_block, layers[-1] if layers else 'conv')
@@ -39,7 +43,7 @@ def param_labels(params: Any) -> Any:
 
   def label(path, _):
     names = _path_names(path)
-    is_last = names[:len(last)] == last
+    is_last = bool(last) and names[:len(last)] == last
     if names[-1] == 'kernel':
       return 'last_weight' if is_last else 'weight'
     if names[-1] == 'bias' and any(n.startswith('bn') for n in names):
@@ -109,9 +113,9 @@ def create_optimizer(c: ml_collections.ConfigDict, params: Any,
 def current_learning_rate(schedule: Schedule, opt_state: Any,
                           step: jax.Array) -> jax.Array:
   """The learning rate in effect at `step`, plateau reductions included."""
-  lr = schedule(step)
+  lr = jnp.asarray(schedule(step), jnp.float32)
   is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
   for leaf in jax.tree.leaves(opt_state, is_leaf=is_plateau):
     if is_plateau(leaf):
-      lr = lr * jnp.asarray(leaf.scale, lr.dtype)
+      lr = lr * jnp.asarray(leaf.scale, jnp.float32)
   return lr

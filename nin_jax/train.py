@@ -129,7 +129,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
   extra = {'value': 1.0 - accuracy} if plateau else {}
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                        **extra)
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   # A non-finite step leaves params, statistics and optimizer state as they
   # were, so nothing non-finite can reach a checkpoint.

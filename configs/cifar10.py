@@ -1,0 +1,50 @@
+# pylint: disable=line-too-long
+r"""NiN on CIFAR-10, as the paper (Table 2: 10.41% test error without augmentation).
+
+  python -m nin_jax.main --config=configs/cifar10.py --workdir=runs/cifar10
+  # offline, from the Keras-layout arrays:
+  python -m nin_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 \
+      --config.dataset=npz:../shared/data/cifar10/cifar10.npz
+
+Variants (`--config=configs/cifar10.py:VARIANT`), the paper's Table 5 ablation
+and the Caffe model zoo layout:
+  gap         global average pooling head (default, 10.41%)
+  fc          fully connected head instead of GAP, no dropout on it (11.59%)
+  fc_dropout  fully connected head with dropout 0.5 (10.88%)
+  caffe       average pooling after block 2, as the Caffe model file
+"""
+
+import ml_collections
+
+from nin_jax import config_lib
+
+VARIANTS = ('gap', 'fc', 'fc_dropout', 'caffe')
+
+
+def get_config(variant: str = 'gap') -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/cifar10.py:{variant}: variants are {VARIANTS}.')
+  c = config_lib.default_config()
+  c.preset = 'cifar10'
+  c.dataset = 'tfds:cifar10'
+  c.preprocessing = 'gcn_zca'      # GCN (scale 55) + ZCA, as Maxout and NiN.
+  c.augment = False
+  c.batch_size = 128
+  c.eval_batch_size = 500
+  c.num_epochs = 160.0
+  c.learning_rate = 0.1            # Caffe solver: base_lr 0.1, biases x2,
+  c.bias_lr_mult = 2.0             # the class-map layer x0.1.
+  c.last_layer_lr_mult = 0.1
+  c.momentum = 0.9
+  c.weight_decay = 1e-4
+  c.schedule = 'plateau'           # "divide by 10 when training accuracy
+  c.plateau_patience_epochs = 8    # stops improving", twice.
+  c.plateau_max_reductions = 2
+  c.model.weight_init = 'faithful'
+  c.log_every_steps = 100
+  if variant in ('fc', 'fc_dropout'):
+    c.model.head = 'fc'
+    c.model.head_dropout_rate = 0.5 if variant == 'fc_dropout' else 0.0
+  if variant == 'caffe':
+    c.model.second_pool = 'avg'
+  return c

@@ -1,0 +1,172 @@
+"""Every bad input is refused with a one-line error naming the field or file,
+before anything is compiled or written."""
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from nin_jax import config_lib
+from nin_jax import input_pipeline
+from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py'))
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_every_shipped_config_is_valid(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / name)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  config = module.get_config()
+  config_lib.validate_config(config, num_devices=1)
+  assert module.__doc__ and 'python -m nin_jax.main' in module.__doc__
+
+
+BAD_FIELDS = [
+    ('preset', 'resnet50', 'config.preset'),
+    ('dataset', 'cifar10', 'config.dataset'),
+    ('dataset', 'tfds:coco', 'config.dataset'),
+    ('dataset', 'sklearn:iris', 'config.dataset'),
+    ('schedule', 'linear', 'config.schedule'),
+    ('optimizer', 'adam', 'config.optimizer'),
+    ('preprocessing', 'pca', 'config.preprocessing'),
+    ('batch_size', 0, 'config.batch_size'),
+    ('batch_size', -8, 'config.batch_size'),
+    ('eval_batch_size', 0, 'config.eval_batch_size'),
+    ('learning_rate', 0.0, 'config.learning_rate'),
+    ('learning_rate', -0.1, 'config.learning_rate'),
+    ('num_epochs', 0.0, 'config.num_epochs'),
+    ('num_train_steps', 0, 'config.num_train_steps'),
+    ('momentum', 1.0, 'config.momentum'),
+    ('weight_decay', -1e-4, 'config.weight_decay'),
+    ('model.dropout_rate', 1.0, 'config.model.dropout_rate'),
+    ('model.dropout_rate', -0.1, 'config.model.dropout_rate'),
+    ('model.head', 'attention', 'config.model.head'),
+    ('model.weight_init', 'xavier', 'config.model.weight_init'),
+    ('dtype', 'float64', 'config.dtype'),
+    ('log_every_steps', 0, 'config.log_every_steps'),
+]
+
+
+def set_field(c, field, value):
+  node = c
+  *parents, last = field.split('.')
+  for p in parents:
+    node = node[p]
+  node[last] = value
+
+
+@pytest.mark.parametrize('field,value,message', BAD_FIELDS)
+def test_bad_field_is_named(field, value, message, tmp_path):
+  c = config_lib.default_config()
+  c.dataset = 'sklearn:digits'
+  set_field(c, field, value)
+  workdir = tmp_path / 'run'
+  with pytest.raises(config_lib.ConfigError, match=message.replace('.', r'\.')):
+    train.train_and_evaluate(c, str(workdir))
+  assert not workdir.exists()
+
+
+def test_batch_must_divide_over_devices():
+  c = config_lib.default_config()
+  c.batch_size = 100
+  with pytest.raises(config_lib.ConfigError,
+                     match=r'config\.batch_size=100.*8 devices.*96'):
+    config_lib.validate_config(c, num_devices=8)
+
+
+def test_image_too_small_for_preset(tmp_path):
+  c = config_lib.default_config()
+  c.preset, c.dataset = 'imagenet', 'sklearn:digits'
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.preset='imagenet' cannot take 8x8"):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_unwritable_workdir(tmp_path):
+  blocker = tmp_path / 'a_file'
+  blocker.write_text('not a directory')
+  c = config_lib.default_config()
+  c.dataset = 'sklearn:digits'
+  with pytest.raises(config_lib.ConfigError, match='--workdir'):
+    train.train_and_evaluate(c, str(blocker / 'run'))
+
+
+def write_npz(path, **overrides):
+  arrays = dict(
+      x_train=np.zeros((20, 8, 8), np.uint8), y_train=np.arange(20) % 10,
+      x_test=np.zeros((10, 8, 8), np.uint8), y_test=np.arange(10) % 10)
+  arrays.update(overrides)
+  arrays = {k: v for k, v in arrays.items() if v is not None}
+  np.savez(path, **arrays)
+  return path
+
+
+@pytest.mark.parametrize('overrides,message', [
+    ({'y_test': None}, r"missing keys \['y_test'\]"),
+    ({'x_train': np.zeros((20, 8, 8), np.float32)}, 'x_train has dtype float32'),
+    ({'x_train': np.zeros((20, 8), np.uint8)}, 'x_train has shape'),
+    ({'y_train': np.arange(19)}, r'y_train has shape \(19,\)'),
+    ({'y_train': np.arange(20) * 1.0}, 'y_train has dtype float64'),
+    ({'x_test': np.zeros((10, 9, 9), np.uint8)}, 'x_test images are'),
+    ({'y_train': np.arange(20)}, r'labels span \[0, 19\].*10 classes'),
+    ({'y_test': -np.ones(10, np.int64)}, r'labels span \[-1, -1\]'),
+])
+def test_bad_npz_is_named(tmp_path, overrides, message):
+  path = write_npz(tmp_path / 'bad.npz', **overrides)
+  c = config_lib.default_config()
+  c.preset, c.dataset = 'quickstart', f'npz:{path}'
+  with pytest.raises(input_pipeline.DataError, match=message):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert not (tmp_path / 'run').exists()
+
+
+def test_npz_missing_or_needing_pickle(tmp_path):
+  c = config_lib.default_config()
+  c.preset, c.dataset = 'quickstart', f'npz:{tmp_path}/nope.npz'
+  with pytest.raises(input_pipeline.DataError, match='no such file'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  objects = np.empty(20, dtype=object)
+  path = write_npz(tmp_path / 'pickled.npz', y_train=objects)
+  c.dataset = f'npz:{path}'
+  with pytest.raises(input_pipeline.DataError, match='without pickle'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  (tmp_path / 'junk.npz').write_bytes(b'not a zip file')
+  c.dataset = f'npz:{tmp_path}/junk.npz'
+  with pytest.raises(input_pipeline.DataError, match='junk.npz'):
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+
+
+def test_resuming_a_workdir_of_another_preset(quickstart_config, tmp_path):
+  c = quickstart_config
+  c.num_train_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  c.model.head = 'fc'
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"holds checkpoints of config\.model="):
+    train.train_and_evaluate(c, workdir)
+
+
+def run_main(*args):
+  return subprocess.run(
+      [sys.executable, '-m', 'nin_jax.main', *args], cwd=REPO,
+      capture_output=True, text=True, timeout=120)
+
+
+def test_cli_unknown_field_and_bad_value(tmp_path):
+  out = run_main('--config=configs/quickstart.py', f'--workdir={tmp_path}/a',
+                 '--config.batch_sise=3')
+  assert out.returncode != 0 and 'batch_sise' in out.stderr
+  out = run_main('--config=configs/quickstart.py', f'--workdir={tmp_path}/b',
+                 '--config.preset=vgg')
+  assert out.returncode != 0
+  assert "config.preset='vgg'" in out.stderr
+  assert 'Traceback' not in out.stderr
+  assert not (tmp_path / 'b').exists()

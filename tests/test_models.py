@@ -1,0 +1,224 @@
+"""Tests of the NiN modules: presets, pooling semantics, heads, reuse."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nin_jax
+from nin_jax import models
+
+EXPECTED_PARAMS = {
+    'cifar10': 966_986,
+    'cifar100': 984_356,
+    'svhn': 1_986_026,
+    'mnist': 349_674,
+    'imagenet': 7_595_176,
+    'quickstart': 90_826,
+}
+
+
+def count(tree) -> int:
+  return sum(x.size for x in jax.tree.leaves(tree))
+
+
+def init_shapes(model, shape):
+  return jax.eval_shape(
+      lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+
+
+@pytest.mark.parametrize('preset', sorted(models.PRESETS))
+def test_preset_param_count_and_output_shape(preset):
+  spec = models.PRESETS[preset]
+  model = nin_jax.create_model(preset)
+  shape = (2, spec.image_size, spec.image_size, spec.channels)
+  variables = init_shapes(model, shape)
+  assert count(variables['params']) == EXPECTED_PARAMS[preset]
+  out = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), variables)
+  assert out.shape == (2, spec.num_classes)
+  assert out.dtype == jnp.float32
+
+
+def test_cifar10_layers_are_the_papers():
+  params = init_shapes(nin_jax.create_model('cifar10'),
+                       (1, 32, 32, 3))['params']
+  kernels = [
+      params[b][layer]['kernel'].shape
+      for b in ('mlpconv1', 'mlpconv2', 'mlpconv3')
+      for layer in ['conv'] + sorted(k for k in params[b] if k != 'conv')
+  ]
+  assert kernels == [
+      (5, 5, 3, 192), (1, 1, 192, 160), (1, 1, 160, 96),
+      (5, 5, 96, 192), (1, 1, 192, 192), (1, 1, 192, 192),
+      (3, 3, 192, 192), (1, 1, 192, 192), (1, 1, 192, 10)]
+
+
+def test_gap_head_has_only_conv_parameters_and_fc_head_adds_dense():
+  gap = init_shapes(nin_jax.create_model('cifar10'), (1, 32, 32, 3))
+  assert set(gap['params']) == {'mlpconv1', 'mlpconv2', 'mlpconv3'}
+  fc = init_shapes(nin_jax.create_model('cifar10', head='fc'),
+                   (1, 32, 32, 3))
+  # Table 5: the last mlpconv's 8x8x10 maps feed a 10-way dense layer.
+  assert count(fc['params']) - count(gap['params']) == 8 * 8 * 10 * 10 + 10
+
+
+@pytest.mark.parametrize('size,expected', [(32, [16, 8]), (28, [14, 7]),
+                                           (8, [4, 2]), (7, [3, 1]),
+                                           (3, [1, 1])])
+def test_ceil_mode_pool_sizes(size, expected):
+  sizes = [size]
+  for _ in range(2):
+    sizes.append(models.pooled_size(sizes[-1], 3, 2))
+  assert sizes[1:] == expected
+
+
+def caffe_pool(x: np.ndarray, window: int, stride: int, op: str) -> np.ndarray:
+  """Caffe's pooling layer, literally: ceil mode, windows clipped to input."""
+  b, h, w, c = x.shape
+  out_h, out_w = models.pooled_size(h, window, stride), models.pooled_size(
+      w, window, stride)
+  out = np.zeros((b, out_h, out_w, c), x.dtype)
+  for i in range(out_h):
+    for j in range(out_w):
+      patch = x[:, i * stride:min(i * stride + window, h),
+                j * stride:min(j * stride + window, w)]
+      out[:, i, j] = (patch.max(axis=(1, 2)) if op == 'max' else
+                      patch.mean(axis=(1, 2)))
+  return out
+
+
+@pytest.mark.parametrize('size', [32, 16, 8, 7, 28, 13])
+def test_pools_match_caffe(size):
+  x = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(
+      np.float32)
+  np.testing.assert_allclose(models.max_pool_ceil(jnp.asarray(x), 3, 2),
+                             caffe_pool(x, 3, 2, 'max'), rtol=1e-6)
+  np.testing.assert_allclose(models.avg_pool_ceil(jnp.asarray(x), 3, 2),
+                             caffe_pool(x, 3, 2, 'avg'), rtol=1e-5, atol=1e-6)
+
+
+def test_max_pool_gradient_matches_reduce_window():
+  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
+  reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((0, 2),
+                                                                  (0, 2)))
+  np.testing.assert_allclose(models.max_pool_ceil(x, 3, 2), reference(x))
+  g_fast = jax.grad(lambda x: jnp.sum(models.max_pool_ceil(x, 3, 2) ** 2))(x)
+  g_ref = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x)
+  np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
+
+
+def test_conv1x1_equals_nn_conv():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
+  conv = models.Conv1x1(4)
+  params = conv.init(jax.random.key(1), x)
+  reference = nn.Conv(4, (1, 1)).apply(params, x)
+  np.testing.assert_allclose(conv.apply(params, x), reference, rtol=1e-5,
+                             atol=1e-6)
+
+
+class ReferenceNiN(nn.Module):
+  """The CIFAR-10 NiN written plainly with nn.Conv and nn.max_pool."""
+
+  @nn.compact
+  def __call__(self, x):
+    def block(x, name, widths, k, pad):
+      x = nn.relu(nn.Conv(widths[0], (k, k), padding=[(pad, pad)] * 2,
+                          name=f'{name}_conv')(x))
+      for i, w in enumerate(widths[1:]):
+        x = nn.relu(nn.Conv(w, (1, 1), name=f'{name}_cccp{i + 1}')(x))
+      return x
+    pool = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((0, 2), (0, 2)))
+    x = pool(block(x, 'b1', (192, 160, 96), 5, 2))
+    x = pool(block(x, 'b2', (192, 192, 192), 5, 2))
+    x = block(x, 'b3', (192, 192, 10), 3, 1)
+    return jnp.mean(x, axis=(1, 2))
+
+
+def test_cifar10_matches_plain_reference():
+  model = nin_jax.create_model('cifar10')
+  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  params = model.init(jax.random.key(1), x)['params']
+  ref_params = {}
+  for b in (1, 2, 3):
+    for layer, value in params[f'mlpconv{b}'].items():
+      ref_params[f'b{b}_{layer}'] = value
+  ours = model.apply({'params': params}, x)
+  theirs = ReferenceNiN().apply({'params': ref_params}, x)
+  np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
+
+
+def test_dropout_only_in_train_mode():
+  model = nin_jax.create_model('quickstart')
+  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  variables = model.init(jax.random.key(1), x)
+  a = model.apply(variables, x)
+  np.testing.assert_array_equal(a, model.apply(variables, x))
+  b = model.apply(variables, x, train=True,
+                  rngs={'dropout': jax.random.key(2)})
+  c = model.apply(variables, x, train=True,
+                  rngs={'dropout': jax.random.key(3)})
+  assert not np.allclose(b, c)
+  with pytest.raises(Exception):
+    model.apply(variables, x, train=True)
+
+
+def test_any_input_size():
+  model = nin_jax.create_model('cifar10')
+  x = jnp.zeros((1, 48, 40, 3))
+  variables = model.init(jax.random.key(0), x)
+  assert model.apply(variables, x).shape == (1, 10)
+
+
+def test_faithful_and_modern_init():
+  x = jnp.zeros((1, 32, 32, 3))
+  faithful = nin_jax.create_model('cifar10').init(jax.random.key(0), x)
+  kernel = faithful['params']['mlpconv2']['conv']['kernel']
+  assert abs(float(jnp.std(kernel)) - 0.05) < 0.002
+  assert float(jnp.abs(faithful['params']['mlpconv2']['conv']['bias']).max()) == 0
+  modern = nin_jax.create_model('cifar10', weight_init='modern',
+                                batch_norm=True).init(jax.random.key(0), x)
+  kernel = modern['params']['mlpconv2']['conv']['kernel']
+  assert abs(float(jnp.std(kernel)) - np.sqrt(2 / (5 * 5 * 96))) < 0.003
+  assert 'batch_stats' in modern and 'bias' not in modern['params'][
+      'mlpconv2']['conv']
+
+
+def test_second_pool_option_and_bad_names():
+  caffe = nin_jax.create_model('cifar10', second_pool='avg')
+  assert caffe.blocks[1].pool == 'avg' and caffe.blocks[0].pool == 'max'
+  with pytest.raises(ValueError, match='Unknown preset'):
+    nin_jax.create_model('resnet')
+  with pytest.raises(ValueError, match='second_pool'):
+    nin_jax.create_model('cifar10', second_pool='min')
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = nin_jax.create_model('quickstart', dtype=jnp.bfloat16)
+  x = jnp.ones((2, 8, 8, 1))
+  variables = model.init(jax.random.key(0), x)
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables))
+  assert model.apply(variables, x).dtype == jnp.float32
+
+
+def test_mlpconv_alone_in_other_flax_code():
+  class Tiny(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      x = nin_jax.MlpConv((8, 6, 4), kernel_size=3, padding=1)(x)
+      return models.global_average_pool(x)
+  x = jnp.ones((3, 6, 6, 2))
+  variables = Tiny().init(jax.random.key(0), x)
+  assert Tiny().apply(variables, x).shape == (3, 4)
+
+
+def test_usable_from_nnx_through_bridge():
+  from flax import nnx
+  model = nnx.bridge.ToNNX(nin_jax.create_model('quickstart'),
+                           rngs=nnx.Rngs(0))
+  x = jnp.ones((2, 8, 8, 1))
+  nnx.bridge.lazy_init(model, x)
+  logits = model(x)
+  assert logits.shape == (2, 10)
+  params = nnx.state(model, nnx.Param)
+  assert count(params) == EXPECTED_PARAMS['quickstart']
