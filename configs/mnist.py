@@ -27,6 +27,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.weight_decay = 1e-4
   c.schedule = 'plateau'
   c.plateau_patience_epochs = 5
-  c.model.weight_init = 'faithful'
+  # Measured here: with the faithful N(0, 0.05) init (with or without the
+  # class-map ReLU) and with He init alone, MNIST sits at ln(10) for 300+
+  # steps; He init + BatchNorm learns at once.
+  c.model.weight_init = 'modern'
+  c.model.batch_norm = True
   c.log_every_steps = 100
   return c

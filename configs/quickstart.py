@@ -19,6 +19,9 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.weight_init = 'modern'
   c.model.batch_norm = True       # Without it this small net can stall at ln(10).
   c.batch_size = 64
+  # 8x8 images: splitting a batch over virtual CPU devices only adds overhead
+  # (measured: 26 s on 1 device, 29 s on 2, 46 s on 8).
+  c.cpu_devices = 1
   c.eval_batch_size = 360
   c.num_epochs = 40.0
   c.learning_rate = 0.1

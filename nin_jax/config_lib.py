@@ -38,6 +38,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.cache_dir = ''                # ZCA statistics cache ('' = ~/.cache/nin_jax).
   c.preprocessing = 'scale'       # One of PREPROCESSING.
   c.validation_split = False      # Hold out the paper's validation set.
+  c.use_extra_split = False       # SVHN: train on train + extra (the paper).
+  c.max_train_examples = 0        # >0: train on the first N examples only.
   c.augment = False               # Random translation (+ flip) on device.
   c.translate_pixels = 4
   c.flip = True                   # Horizontal flip (off for digits).
@@ -51,6 +53,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
   c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
   c.dtype = 'float32'             # Compute dtype; params stay float32.
+  # CPU-only runs: split each batch over at most this many virtual CPU devices
+  # (0 = automatic, up to 8; 1 = off). See README "Speed".
+  c.cpu_devices = 0
 
   c.batch_size = 128              # Global, over all devices and processes.
   c.eval_batch_size = 500
@@ -125,9 +130,10 @@ def validate_config(c: ml_collections.ConfigDict,
                 'keep_checkpoints'):
     _check(isinstance(c[field], int) and c[field] > 0, field, c[field],
            'must be a positive integer')
-  for field in ('eval_every_steps', 'checkpoint_every_steps'):
+  for field in ('eval_every_steps', 'checkpoint_every_steps', 'cpu_devices',
+                'max_train_examples'):
     _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
-           'must be a non-negative integer (0 = once per epoch)')
+           'must be a non-negative integer (0 = default)')
   _check(c.learning_rate > 0 and math.isfinite(c.learning_rate),
          'learning_rate', c.learning_rate, 'must be a positive number')
   _check(c.weight_decay >= 0, 'weight_decay', c.weight_decay,

@@ -6,7 +6,10 @@ Sources (config.dataset):
 - 'npz:PATH': a Keras-layout .npz (x_train, y_train, x_test, y_test; uint8
   images, integer labels), read with allow_pickle=False.
 - 'tfds:NAME': a prepared TFDS dataset read through `tfds.data_source`
-  (ArrayRecord, no TensorFlow needed).
+  (ArrayRecord, no TensorFlow needed); see tfds_source.py.
+
+`config.validation_split` holds out the paper's validation set
+(`validation_holdout`); `config.use_extra_split` adds SVHN's 'extra' split.
 
 Every split fits in host memory. The training order is a pure function of
 (seed, step): batch `step` holds rows of the permutation of epoch
@@ -21,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import zipfile
 from typing import Iterator, Optional
 
 import jax
@@ -86,92 +90,205 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2
 NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
-def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                 np.ndarray]:
-  """Reads and checks a Keras-layout .npz; images gain a channel axis if 3-D."""
+def _read_npz(path: str) -> list[np.ndarray]:
+  """The arrays NPZ_KEYS of `path`, read without pickle, or DataError."""
   if not os.path.isfile(path):
     raise DataError(f'config.dataset=npz:{path}: no such file; point it at a '
                     f'.npz with keys {NPZ_KEYS}.')
+  with open(path, 'rb') as f:
+    magic = f.read(6)
+  if magic.startswith(b'\x93NUMPY'):
+    raise DataError(f'{path}: is a single .npy array, not a .npz archive; '
+                    f'save one with np.savez(path, x_train=..., y_train=..., '
+                    f'x_test=..., y_test=...).')
+  if not magic.startswith(b'PK'):
+    raise DataError(f'{path}: not a .npz (zip) archive; save one with '
+                    f'np.savez(path, x_train=..., y_train=..., x_test=..., '
+                    f'y_test=...).')
   try:
     with np.load(path, allow_pickle=False) as f:
       missing = [k for k in NPZ_KEYS if k not in f.files]
       if missing:
         raise DataError(f'{path}: missing keys {missing}; found {f.files}, '
                         f'need {NPZ_KEYS}.')
-      arrays = [f[k] for k in NPZ_KEYS]
+      return [f[k] for k in NPZ_KEYS]
   except ValueError as e:
     if isinstance(e, DataError):
       raise
     raise DataError(f'{path}: cannot be read without pickle ({e}); save the '
                     f'arrays as plain numeric arrays.') from e
-  except (OSError, EOFError) as e:
+  except (OSError, EOFError, zipfile.BadZipFile) as e:
     raise DataError(f'{path}: not a readable .npz file ({e}).') from e
-  x_train, y_train, x_test, y_test = arrays
-  for key, x in (('x_train', x_train), ('x_test', x_test)):
-    if x.dtype != np.uint8:
-      raise DataError(f'{path}: {key} has dtype {x.dtype}; expected uint8 '
-                      f'pixels 0..255.')
-    if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
-      raise DataError(f'{path}: {key} has shape {x.shape}; expected '
-                      f'[n, height, width] or [n, height, width, 1 or 3].')
+
+
+def _check_images(path: str, key: str, x: np.ndarray) -> np.ndarray:
+  """`x` as [n, height, width, channels] uint8, or a DataError naming `key`."""
+  if x.dtype != np.uint8:
+    raise DataError(f'{path}: {key} has dtype {x.dtype}; expected uint8 '
+                    f'pixels 0..255.')
+  if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
+    hint = (' (channels first? transpose to [n, height, width, channels])'
+            if x.ndim == 4 and x.shape[1] in (1, 3) else '')
+    raise DataError(f'{path}: {key} has shape {x.shape}; expected '
+                    f'[n, height, width] or [n, height, width, 1 or 3]{hint}.')
+  if x.shape[0] == 0:
+    raise DataError(f'{path}: {key} holds 0 images; it needs at least one.')
+  if x.shape[1] != x.shape[2]:
+    raise DataError(f'{path}: {key} has shape {x.shape}: images are '
+                    f'{x.shape[1]}x{x.shape[2]}, but NiN expects square '
+                    f'[n, size, size(, channels)] images.')
+  return x if x.ndim == 4 else x[..., None]
+
+
+def _check_labels_shape(path: str, key: str, y: np.ndarray,
+                        num_images: int) -> np.ndarray:
+  """`y` as [n] int32, or a DataError naming `key`."""
+  if not np.issubdtype(y.dtype, np.integer):
+    raise DataError(f'{path}: {key} has dtype {y.dtype}; expected integer '
+                    f'class labels.')
+  flat = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
+  if flat.ndim != 1 or flat.shape[0] != num_images:
+    raise DataError(f'{path}: {key} has shape {y.shape}; expected '
+                    f'[{num_images}] labels, one per image.')
+  if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(np.int32).max):
+    raise DataError(f'{path}: {key} labels span [{flat.min()}, {flat.max()}]; '
+                    f'expected class indices 0..num_classes-1.')
+  return flat.astype(np.int32)
+
+
+def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                 np.ndarray]:
+  """Reads and checks a Keras-layout .npz: images [n, h, w, c] uint8, labels
+  [n] int32; 3-D images gain a channel axis."""
+  x_train, y_train, x_test, y_test = _read_npz(path)
+  x_train = _check_images(path, 'x_train', x_train)
+  x_test = _check_images(path, 'x_test', x_test)
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(f'{path}: x_train images are {x_train.shape[1:]} but '
-                    f'x_test images are {x_test.shape[1:]}.')
-  for key, y, x in (('y_train', y_train, x_train), ('y_test', y_test, x_test)):
-    if not np.issubdtype(y.dtype, np.integer):
-      raise DataError(f'{path}: {key} has dtype {y.dtype}; expected integer '
-                      f'class labels.')
-    y = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-    if y.ndim != 1 or y.shape[0] != x.shape[0]:
-      raise DataError(f'{path}: {key} has shape {y.shape}; expected '
-                      f'[{x.shape[0]}] labels, one per image.')
-  y_train, y_test = y_train.reshape(-1), y_test.reshape(-1)
-  if x_train.ndim == 3:
-    x_train, x_test = x_train[..., None], x_test[..., None]
-  return x_train, y_train.astype(np.int32), x_test, y_test.astype(np.int32)
+                    f'x_test images are {x_test.shape[1:]}; both must have '
+                    f'the same [height, width, channels].')
+  y_train = _check_labels_shape(path, 'y_train', y_train, x_train.shape[0])
+  y_test = _check_labels_shape(path, 'y_test', y_test, x_test.shape[0])
+  return x_train, y_train, x_test, y_test
 
 
-def check_labels(y_train: np.ndarray, y_test: np.ndarray, num_classes: int,
-                 source: str) -> None:
+@dataclasses.dataclass(frozen=True)
+class RawData:
+  """Unprocessed splits: images [n, height, width, channels], labels [n] int32.
+
+  `x_extra`/`y_extra`: SVHN's 'extra' split when config.use_extra_split.
+  `max_value`: the largest pixel value (255 for uint8, 16 for sklearn digits).
+  """
+  x_train: np.ndarray
+  y_train: np.ndarray
+  x_test: np.ndarray
+  y_test: np.ndarray
+  max_value: float
+  x_extra: Optional[np.ndarray] = None
+  y_extra: Optional[np.ndarray] = None
+
+
+def check_labels(raw: RawData, num_classes: int, source: str) -> None:
   """Raises DataError if a label is outside [0, num_classes)."""
-  for key, y in (('train', y_train), ('test', y_test)):
-    if y.size and (y.min() < 0 or y.max() >= num_classes):
+  for key, y in (('train', raw.y_train), ('test', raw.y_test),
+                 ('extra', raw.y_extra)):
+    if y is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
       raise DataError(f'{source}: {key} labels span [{y.min()}, {y.max()}] '
                       f'but the preset has {num_classes} classes; labels '
                       f'must be in [0, {num_classes - 1}].')
 
 
-def load_raw(c: ml_collections.ConfigDict
-             ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
-  """Raw (x_train, y_train, x_test, y_test, max pixel value) of `c.dataset`."""
+def load_raw(c: ml_collections.ConfigDict) -> RawData:
+  """The unprocessed splits of `c.dataset`."""
   kind, name = config_lib.parse_dataset(c.dataset)
+  if c.use_extra_split and kind != 'tfds':
+    raise DataError(f'config.use_extra_split=True but {c.dataset} has no '
+                    f"extra split; only 'tfds:svhn_cropped' has one. Set it "
+                    f'to False.')
   if kind == 'sklearn':
-    return (*load_digits(), 16.0)
+    return RawData(*load_digits(), max_value=16.0)
   if kind == 'npz':
-    return (*load_npz(os.path.expanduser(name)), 255.0)
+    return RawData(*load_npz(os.path.expanduser(name)), max_value=255.0)
   from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
-  return (*tfds_source.load_arrays(name, c.data_dir or None), 255.0)
+  splits = tfds_source.load_arrays(name, c.data_dir or None,
+                                   with_extra=c.use_extra_split)
+  extra = splits.get('extra')
+  return RawData(splits['train'].images, splits['train'].labels,
+                 splits['test'].images, splits['test'].labels, 255.0,
+                 extra.images if extra else None,
+                 extra.labels if extra else None)
 
 
-def validation_holdout(x: np.ndarray, y: np.ndarray, dataset: str
+CIFAR_VALIDATION_SIZE = 10_000
+SVHN_VALIDATION_PER_CLASS = {'train': 400, 'extra': 200}
+VALIDATION_SEED = 0  # Fixed: the held-out set never depends on config.seed.
+
+
+def _per_class_holdout(y: np.ndarray, per_class: int,
+                       rng: np.random.Generator) -> np.ndarray:
+  """A bool mask [n] choosing `per_class` random examples of every class."""
+  mask = np.zeros(y.shape[0], bool)
+  for cls in np.unique(y):
+    mask[rng.permutation(np.flatnonzero(y == cls))[:per_class]] = True
+  return mask
+
+
+def validation_holdout(raw: RawData, dataset: str
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                   np.ndarray]:
-  """The paper's held-out validation: the last 10,000 training images (CIFAR)
-  or the last sixth for smaller sets. Returns (x_train, y_train, x_val, y_val)."""
-  n_val = 10_000 if x.shape[0] >= 40_000 else x.shape[0] // 6
-  del dataset
-  return x[:-n_val], y[:-n_val], x[-n_val:], y[-n_val:]
+  """The paper's held-out validation set: (x_train, y_train, x_val, y_val).
+
+  SVHN: 400 random examples per class from train plus 200 per class from
+  extra (when loaded); everything else of train and extra is trained on.
+  Others (CIFAR): the last 10,000 training images, or the last sixth of a
+  training set smaller than 40,000.
+  """
+  if raw.x_extra is not None or is_svhn(dataset):
+    rng = np.random.default_rng(VALIDATION_SEED)
+    parts = [('train', raw.x_train, raw.y_train)]
+    if raw.x_extra is not None:
+      parts.append(('extra', raw.x_extra, raw.y_extra))
+    train, val = [], []
+    for name, x, y in parts:
+      held = _per_class_holdout(y, SVHN_VALIDATION_PER_CLASS[name], rng)
+      train.append((x[~held], y[~held]))
+      val.append((x[held], y[held]))
+    return (*_concat(train), *_concat(val))
+  n = raw.x_train.shape[0]
+  n_val = CIFAR_VALIDATION_SIZE if n >= 40_000 else max(1, n // 6)
+  if n_val >= n:
+    raise DataError(f'{dataset}: {n} training images are too few to hold out '
+                    f'a validation set; set config.validation_split=False.')
+  return (raw.x_train[:-n_val], raw.y_train[:-n_val], raw.x_train[-n_val:],
+          raw.y_train[-n_val:])
+
+
+def _concat(parts: list[tuple[np.ndarray, np.ndarray]]
+            ) -> tuple[np.ndarray, np.ndarray]:
+  if len(parts) == 1:
+    return parts[0]
+  return (np.concatenate([x for x, _ in parts]),
+          np.concatenate([y for _, y in parts]))
 
 
 def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
   """Loads, splits and preprocesses `c.dataset` on the host."""
-  x_train, y_train, x_test, y_test, max_value = load_raw(c)
-  check_labels(y_train, y_test, num_classes, c.dataset)
+  raw = load_raw(c)
+  check_labels(raw, num_classes, c.dataset)
   eval_name = 'test'
   if c.validation_split:
-    x_train, y_train, x_test, y_test = validation_holdout(
-        x_train, y_train, c.dataset)
+    x_train, y_train, x_test, y_test = validation_holdout(raw, c.dataset)
     eval_name = 'validation'
+  else:
+    parts = [(raw.x_train, raw.y_train)]
+    if raw.x_extra is not None:
+      parts.append((raw.x_extra, raw.y_extra))
+    (x_train, y_train), x_test, y_test = _concat(parts), raw.x_test, raw.y_test
+  if c.max_train_examples:
+    x_train = x_train[:c.max_train_examples]
+    y_train = y_train[:c.max_train_examples]
+  max_value = raw.max_value
+  del raw
   train, test = preprocessing.preprocess(x_train, x_test, c.preprocessing,
                                          max_value, c.cache_dir or None)
   logging.info('Dataset %s: %d train, %d %s images of shape %s', c.dataset,
@@ -276,6 +393,10 @@ def is_digit_dataset(dataset: str) -> bool:
   """Digits (MNIST, SVHN, sklearn digits) must not be flipped horizontally."""
   name = dataset.lower()
   return any(d in name for d in ('mnist', 'svhn', 'digits'))
+
+
+def is_svhn(dataset: str) -> bool:
+  return 'svhn' in dataset.lower()
 
 
 def flip_allowed(c: ml_collections.ConfigDict) -> bool:

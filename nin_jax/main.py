@@ -5,6 +5,8 @@ logs the devices and hands the config to `train.train_and_evaluate`.
 Override any config field with `--config.FIELD=VALUE`.
 """
 
+import sys
+
 from absl import app
 from absl import flags
 from absl import logging
@@ -22,6 +24,10 @@ flags.DEFINE_string('coordinator_address', None,
                     'host:port of process 0, for a multi-process run.')
 flags.DEFINE_integer('num_processes', None, 'Processes in the run.')
 flags.DEFINE_integer('process_id', None, 'Index of this process.')
+flags.DEFINE_enum('distributed', 'auto', runtime.DISTRIBUTED_MODES,
+                  "Join JAX's distributed runtime: 'auto' when a coordinator "
+                  "is given or a multi-process SLURM/MPI/TPU job is detected, "
+                  "'on' always (Cloud TPU pod slices), 'off' never.")
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
@@ -37,17 +43,31 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietLibraries())
+  if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
+    runtime.configure_cpu(
+        (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
+        FLAGS.config.cpu_devices if FLAGS.config.cpu_devices > 0 else
+        runtime.DEFAULT_CPU_DEVICES)
   runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                     FLAGS.process_id)
-  from nin_jax import train  # pylint: disable=g-import-not-at-top
+                     FLAGS.process_id, FLAGS.distributed)
+  # pylint: disable=g-import-not-at-top
+  from nin_jax import checkpoints
+  from nin_jax import input_pipeline
+  from nin_jax import train
+  # pylint: enable=g-import-not-at-top
+  if jax.process_index() > 0:
+    logging.set_verbosity(logging.WARNING)  # One voice: process 0 reports.
   logging.info('Process %d of %d; %d local / %d global devices (%s).',
                jax.process_index(), jax.process_count(),
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except config_lib.ConfigError as e:
-    raise app.UsageError(str(e)) from None
+  except (config_lib.ConfigError, input_pipeline.DataError,
+          checkpoints.CheckpointMismatchError, train.NonFiniteError) as e:
+    logging.error('%s', e)
+    print(f'nin_jax: error: {e}', file=sys.stderr)
+    sys.exit(2 if not isinstance(e, train.NonFiniteError) else 3)
   logging.info('Done: %s', result)
 
 

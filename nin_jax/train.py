@@ -24,6 +24,7 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nin_jax import checkpoints
@@ -144,6 +145,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
       opt_state=keep_if_bad(opt_state, state.opt_state))
   metrics = {
       'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm,
+      'logit_spread': jnp.mean(jnp.max(logits, -1) - jnp.min(logits, -1)),
       'learning_rate': optimizer_lib.current_learning_rate(
           schedule, state.opt_state, state.step),
       'finite': finite,
@@ -240,11 +242,22 @@ class _PreemptionFlag:
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self  # JAX's preemption notifier handles SIGTERM; see `check`.
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # Not the main thread: leave signals alone.
       self._previous = None
     return self
+
+  def check(self, step: int) -> bool:
+    """True once SIGTERM arrived; in a multi-process run, all processes agree
+    on the step (JAX's preemption sync point), so none waits in a collective
+    for the others."""
+    if jax.process_count() > 1:
+      self.raised = self.raised or multihost_utils.reached_preemption_sync_point(
+          step)
+    return self.raised
 
   def _handle(self, signum, frame):
     del signum, frame
@@ -253,6 +266,93 @@ class _PreemptionFlag:
   def __exit__(self, *exc):
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
+
+
+class StallDetector:
+  """Warns once about NiN's classic failure: the class-map ReLU dies, every
+  logit is equal and the loss sits at ln(num_classes)."""
+
+  def __init__(self, num_classes: int, patience: int = 3):
+    self.flat_loss = math.log(num_classes)
+    self.patience = patience
+    self.count = 0
+    self.warned = False
+
+  def update(self, loss: float, logit_spread: float, step: int) -> bool:
+    """Feeds one logged window: its mean loss and the batch's mean gap
+    between the largest and smallest logit; True while stalled."""
+    stalled = (abs(loss - self.flat_loss) < 0.01 * self.flat_loss and
+               logit_spread < 0.1)
+    self.count = self.count + 1 if stalled else 0
+    if self.count >= self.patience and not self.warned:
+      self.warned = True
+      logging.warning(
+          'Step %d: the loss is stuck at ln(%d) = %.4f and the logits are '
+          'all but equal: the class maps carry no signal (the classic NiN '
+          'stall, a dead ReLU on the class maps). '
+          'Remedies: lower the last layer\'s rate (config.last_layer_lr_mult='
+          '0.1), lower config.learning_rate, or use config.model.weight_init='
+          "'modern' with config.model.batch_norm=True.", step,
+          round(math.exp(self.flat_loss)), self.flat_loss)
+    return self.count >= self.patience
+
+
+class TrainLog:
+  """Averages train metrics over windows of `log_every_steps` and writes them
+  (metrics.jsonl, TensorBoard, a console line with img/s and ETA); stops on a
+  non-finite step and warns about a stall."""
+
+  def __init__(self, c: ml_collections.ConfigDict,
+               writer: metric_writers.MetricWriter, steps_per_epoch: int,
+               total_steps: int, start_step: int, num_classes: int):
+    self.c = c
+    self.writer = writer
+    self.steps_per_epoch = steps_per_epoch
+    self.total_steps = total_steps
+    self.stall = StallDetector(num_classes)
+    self._reset(start_step)
+
+  def _reset(self, step: int) -> None:
+    self.losses, self.accuracies = [], []
+    self.window_start, self.window_time = step, time.time()
+
+  def add(self, step: int, m: dict[str, Any], last_good: str) -> None:
+    """Takes the host metrics of train step `step` (0-based)."""
+    if not bool(m['finite']):
+      if self.c.skip_nonfinite_steps:
+        logging.warning('Step %d: non-finite loss %s or gradient norm %s; '
+                        'step skipped.', step, m['loss'], m['grad_norm'])
+      else:
+        raise NonFiniteError(
+            f'Step {step}: loss {float(m["loss"])}, gradient norm '
+            f'{float(m["grad_norm"])} is not finite; stopped. The last good '
+            f'checkpoint is {last_good}. Lower config.learning_rate or use '
+            f"config.model.weight_init='modern'.")
+    else:
+      self.losses.append(float(m['loss']))
+      self.accuracies.append(float(m['accuracy']))
+    done = step + 1
+    if done % self.c.log_every_steps and done != self.total_steps:
+      return
+    if self.losses:
+      self._write(done, m)
+    self._reset(done)
+
+  def _write(self, done: int, m: dict[str, Any]) -> None:
+    elapsed = max(time.time() - self.window_time, 1e-9)
+    images_per_sec = (done - self.window_start) * self.c.batch_size / elapsed
+    record = {'loss': float(np.mean(self.losses)),
+              'accuracy': float(np.mean(self.accuracies)),
+              'learning_rate': float(m['learning_rate']),
+              'grad_norm': float(m['grad_norm']),
+              'images_per_sec': images_per_sec,
+              'epoch': done / self.steps_per_epoch}
+    self.writer.write(done, 'train', record)
+    self.stall.update(record['loss'], float(m['logit_spread']), done)
+    eta = (self.total_steps - done) * self.c.batch_size / images_per_sec
+    logging.info('step %d/%d loss %.4f acc %.4f lr %.3g %.0f img/s ETA %s',
+                 done, self.total_steps, record['loss'], record['accuracy'],
+                 record['learning_rate'], images_per_sec, _format_eta(eta))
 
 
 def _format_eta(seconds: float) -> str:
@@ -350,46 +450,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     return metrics
 
   last_saved = restored_step
+  train_log = TrainLog(c, writer, per_epoch, total_steps, start_step,
+                       models.PRESETS[c.preset].num_classes)
   pending = None  # (step, metrics) of the step dispatched before this one.
-  window = {'loss': [], 'accuracy': [], 'time': time.time(), 'step': start_step}
   eval_metrics = None
   step = start_step
 
   def handle_metrics(done_step: int, metrics: dict[str, jax.Array]) -> None:
-    nonlocal window
-    m = jax.device_get(metrics)
-    if not bool(m['finite']):
-      if c.skip_nonfinite_steps:
-        logging.warning('Step %d: non-finite loss %s or gradient norm %s.',
-                        done_step, m['loss'], m['grad_norm'])
-        return
-      raise NonFiniteError(
-          f'Step {done_step}: loss {float(m["loss"])}, gradient norm '
-          f'{float(m["grad_norm"])} is not finite; stopped. The last good '
-          f'checkpoint is step {last_saved} in {workdir}/checkpoints. '
-          f'Lower config.learning_rate or use config.model.weight_init='
-          f"'modern'.")
-    window['loss'].append(float(m['loss']))
-    window['accuracy'].append(float(m['accuracy']))
-    count = done_step + 1 - window['step']
-    if (done_step + 1) % c.log_every_steps == 0 or done_step + 1 == total_steps:
-      elapsed = time.time() - window['time']
-      images_per_sec = count * c.batch_size / max(elapsed, 1e-9)
-      record = {'loss': np.mean(window['loss']),
-                'accuracy': np.mean(window['accuracy']),
-                'learning_rate': float(m['learning_rate']),
-                'grad_norm': float(m['grad_norm']),
-                'images_per_sec': images_per_sec,
-                'epoch': (done_step + 1) / per_epoch}
-      writer.write(done_step + 1, 'train', record)
-      eta = (total_steps - done_step - 1) * c.batch_size / max(
-          images_per_sec, 1e-9)
-      logging.info('step %d/%d loss %.4f acc %.4f lr %.3g %.0f img/s ETA %s',
-                   done_step + 1, total_steps, record['loss'],
-                   record['accuracy'], record['learning_rate'],
-                   images_per_sec, _format_eta(eta))
-      window = {'loss': [], 'accuracy': [], 'time': time.time(),
-                'step': done_step + 1}
+    train_log.add(done_step, jax.device_get(metrics),
+                  f'step {last_saved} in {workdir}/checkpoints')
 
   def checkpoint(at_step: int) -> None:
     nonlocal last_saved
@@ -407,16 +476,17 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
         pending = (step, metrics)
         step += 1
         boundary = (step % eval_every == 0, step % ckpt_every == 0)
-        if any(boundary) or preempted.raised or step == total_steps:
+        stop = preempted.check(step)
+        if any(boundary) or stop or step == total_steps:
           handle_metrics(*pending)
           pending = None
         if boundary[0] and step < total_steps:
           eval_metrics = run_eval(step)
         if boundary[1] and step < total_steps:
           checkpoint(step)
-        if preempted.raised:
-          logging.warning('SIGTERM: saved step %d; exiting.', step)
+        if stop:
           checkpoint(step)
+          logging.warning('SIGTERM: saved step %d; exiting.', step)
           break
       if pending is not None:
         handle_metrics(*pending)

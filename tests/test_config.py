@@ -50,6 +50,8 @@ BAD_FIELDS = [
     ('model.weight_init', 'xavier', 'config.model.weight_init'),
     ('dtype', 'float64', 'config.dtype'),
     ('log_every_steps', 0, 'config.log_every_steps'),
+    ('cpu_devices', -1, 'config.cpu_devices'),
+    ('max_train_examples', -5, 'config.max_train_examples'),
 ]
 
 

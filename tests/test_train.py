@@ -50,10 +50,12 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(quickstart_config):
   assert losses[-1] < 0.5 * losses[0]
 
 
-def test_quickstart_learns_writes_and_resumes(quickstart_config, tmp_path):
+def test_quickstart_learns_writes_and_resumes(quickstart_config, tmp_path,
+                                              caplog):
   workdir = str(tmp_path / 'qs')
   result = train.train_and_evaluate(quickstart_config, workdir)
   assert result['accuracy'] >= 0.97, result
+  assert not any('NiN stall' in r.getMessage() for r in caplog.records)
   total = result['step']
   records = metric_writers.read_metrics(workdir)
   train_lines = [r for r in records if r['split'] == 'train']
@@ -177,3 +179,42 @@ def test_nonfinite_loss_stops_with_the_step(quickstart_config, tmp_path):
   c.model.batch_norm = False
   with pytest.raises(train.NonFiniteError, match=r'Step \d+'):
     train.train_and_evaluate(c, str(tmp_path / 'nan'))
+
+
+def test_stall_detector_needs_flat_loss_and_equal_logits():
+  detector = train.StallDetector(10, patience=2)
+  ln10 = float(np.log(10))
+  assert not detector.update(ln10, 0.5, 1)  # Flat loss, logits still differ.
+  assert not detector.update(ln10, 0.0, 2)
+  assert detector.update(ln10 + 1e-4, 0.0, 3) and detector.warned
+  assert not detector.update(1.0, 0.0, 4)
+
+
+def test_classic_stall_is_reported(quickstart_config, tmp_path, caplog):
+  c = short(quickstart_config, steps=60, log_every_steps=5)
+  c.model.batch_norm = False
+  c.model.weight_init = 'faithful'
+  c.learning_rate = 0.1
+  train.train_and_evaluate(c, str(tmp_path / 'stall'))
+  assert any('classic NiN stall' in r.getMessage() for r in caplog.records)
+
+
+def test_skip_nonfinite_steps_continues_with_finite_state(quickstart_config,
+                                                          tmp_path):
+  c = short(quickstart_config, steps=6, learning_rate=1e30,
+            skip_nonfinite_steps=True)
+  c.model.batch_norm = False
+  result = train.train_and_evaluate(c, str(tmp_path / 'skip'))
+  assert result['step'] == 6
+  state = ocp.StandardCheckpointer().restore(
+      tmp_path / 'skip' / 'checkpoints' / '6' / 'default')
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+
+
+def test_relative_workdir(quickstart_config, tmp_path, monkeypatch):
+  """The README's commands pass a relative --workdir; orbax needs absolute."""
+  monkeypatch.chdir(tmp_path)
+  result = train.train_and_evaluate(short(quickstart_config, steps=2),
+                                    'runs/relative')
+  assert result['step'] == 2
+  assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '2').exists()

@@ -1,0 +1,367 @@
+r"""Times nin-jax's train and eval steps, side by side with a PyTorch NiN.
+
+  python experiments/benchmark.py --preset cifar10 --batch-size 128
+
+The steps are the trainer's own (`train.create_trainer` on the preset's config
+file: loss, gradients, optimizer update, dropout, augmentation if the config
+has it), run on random data. Each figure is the median over repeated steps
+after warm-up, every step ending in `block_until_ready`. When PyTorch is
+installed (`pip install -e '.[bench]'`), the PyTorch NiN of
+experiments/torch_nin.py runs in the same process, in rounds that alternate
+with nin-jax's, and the ratios are printed. `--json` prints one JSON object.
+
+On the CPU backend the script applies the same automatic settings as
+`nin_jax.main` (virtual CPU devices, see nin_jax/runtime.py) unless
+`--devices` or XLA_FLAGS says otherwise. On GPU/TPU it reports model FLOP
+utilization against the peak table below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'experiments'))
+
+import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # pylint: disable=wrong-import-position
+
+from nin_jax import runtime  # pylint: disable=wrong-import-position
+
+PRESETS = ('cifar10', 'cifar100', 'svhn', 'mnist', 'imagenet', 'quickstart')
+
+# Dense peak TFLOP/s per JAX device, keyed by a lower-case substring of
+# `device_kind` (the longest matching key wins). 'float32' is the peak at JAX's
+# default matmul precision: TF32 on NVIDIA Ampere and later, bfloat16 passes
+# on TPU.
+PEAK_TFLOPS: dict[str, dict[str, float]] = {
+    'tpu v4': {'bfloat16': 275.0, 'float32': 275.0},
+    'tpu v5 lite': {'bfloat16': 197.0, 'float32': 197.0},  # v5e
+    'tpu v5e': {'bfloat16': 197.0, 'float32': 197.0},
+    'tpu v5': {'bfloat16': 459.0, 'float32': 459.0},  # v5p
+    'tpu v6 lite': {'bfloat16': 918.0, 'float32': 918.0},  # v6e
+    'tpu v6e': {'bfloat16': 918.0, 'float32': 918.0},
+    'a100': {'bfloat16': 312.0, 'float32': 156.0},
+    'h100': {'bfloat16': 989.0, 'float32': 495.0},  # SXM
+    'h100 pcie': {'bfloat16': 756.0, 'float32': 378.0},
+    'l4': {'bfloat16': 121.0, 'float32': 60.0},
+    'l40s': {'bfloat16': 362.0, 'float32': 183.0},
+    'v100': {'bfloat16': 125.0, 'float32': 15.7},  # bfloat16: fp16 peak
+}
+
+
+def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
+  """Peak FLOP/s of one device of `device_kind`, or None if not in the table."""
+  kind = device_kind.lower()
+  keys = [k for k in PEAK_TFLOPS if k in kind]
+  if not keys:
+    return None
+  return PEAK_TFLOPS[max(keys, key=len)][dtype] * 1e12
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('--preset', default='cifar10', choices=PRESETS)
+  parser.add_argument('--batch-size', type=int, default=0,
+                      help='global train batch (default: the config\'s)')
+  parser.add_argument('--eval-batch-size', type=int, default=0,
+                      help='eval batch (default: --batch-size)')
+  parser.add_argument('--dtype', default='', choices=('', 'float32',
+                                                      'bfloat16'),
+                      help='compute dtype (default: the config\'s)')
+  parser.add_argument('--steps', type=int, default=10,
+                      help='timed steps per round and variant')
+  parser.add_argument('--rounds', type=int, default=3,
+                      help='alternating rounds (nin-jax, then each torch)')
+  parser.add_argument('--warmup', type=int, default=2)
+  parser.add_argument('--devices', type=int, default=0,
+                      help='virtual CPU devices (default: automatic)')
+  parser.add_argument('--torch', default='all',
+                      help="'all', 'none' or a list of eager,compile,bf16")
+  parser.add_argument('--json', action='store_true',
+                      help='print one JSON object instead of a table')
+  return parser.parse_args(argv)
+
+
+def configure_devices(args: argparse.Namespace, batch_sizes: tuple[int, ...]
+                      ) -> Optional[int]:
+  """Applies --devices or the automatic CPU settings before JAX starts."""
+  if args.devices:
+    jax.config.update('jax_num_cpu_devices', args.devices)
+    return args.devices
+  return runtime.configure_cpu(batch_sizes)
+
+
+def load_config(args: argparse.Namespace):
+  """The preset's config file with the benchmark's batch sizes and dtype."""
+  from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
+  configs = REPO / 'configs'
+  c = config_lib.sibling_config(str(configs / 'x.py'), f'{args.preset}.py')
+  c.batch_size = args.batch_size or c.batch_size
+  c.eval_batch_size = args.eval_batch_size or c.batch_size
+  c.dtype = args.dtype or c.dtype
+  return c
+
+
+def forward_flops_per_image(model, image_size: int, channels: int) -> float:
+  """Multiply-add FLOPs (2 per MAC) of the model's convolutions and head."""
+  size, cin, flops = image_size, channels, 0
+  for i, block in enumerate(model.blocks):
+    last = i == len(model.blocks) - 1
+    widths = tuple(block.features) + ((model.num_classes,) if last else ())
+    size = (size + 2 * block.padding - block.kernel_size) // block.stride + 1
+    for j, width in enumerate(widths):
+      k = block.kernel_size if j == 0 else 1
+      flops += 2 * size * size * k * k * cin * width
+      cin = width
+    if block.pool != 'none':
+      from nin_jax import models  # pylint: disable=g-import-not-at-top
+      size = models.pooled_size(size, block.pool_window, block.pool_stride)
+  if model.head == 'fc':
+    flops += 2 * size * size * cin * model.num_classes
+  return float(flops)
+
+
+class JaxRunner:
+  """nin-jax's compiled train and eval steps on a fixed random batch."""
+
+  def __init__(self, c, compiler_options: Optional[dict[str, Any]] = None):
+    from nin_jax import models  # pylint: disable=g-import-not-at-top
+    from nin_jax import train  # pylint: disable=g-import-not-at-top
+    spec = models.PRESETS[c.preset]
+    shape = (spec.image_size, spec.image_size, spec.channels)
+    trainer = train.create_trainer(c, shape, c.batch_size * 100)
+    self.model = trainer.model
+    rng = np.random.default_rng(0)
+
+    def put(x):
+      return jax.device_put(x, trainer.data_sharding)
+
+    self.train_batch = (
+        put(rng.normal(size=(c.batch_size, *shape)).astype(np.float32)),
+        put(rng.integers(0, spec.num_classes, c.batch_size).astype(np.int32)))
+    self.eval_batch = (
+        put(rng.normal(size=(c.eval_batch_size, *shape)).astype(np.float32)),
+        put(rng.integers(0, spec.num_classes,
+                         c.eval_batch_size).astype(np.int32)),
+        put(np.ones(c.eval_batch_size, bool)))
+    self.state = trainer.state
+    start = time.perf_counter()
+    self.train_fn = trainer.train_fn.lower(self.state, *self.train_batch
+                                           ).compile(compiler_options)
+    self.compile_seconds = time.perf_counter() - start
+    self.eval_fn = trainer.eval_fn.lower(self.state, *self.eval_batch
+                                         ).compile(compiler_options)
+    self.flops_per_image = forward_flops_per_image(
+        self.model, spec.image_size, spec.channels)
+
+  def xla_forward_flops_per_image(self, eval_batch_size: int
+                                  ) -> Optional[float]:
+    """XLA's own FLOP count of the eval step, per image (None if unknown)."""
+    try:
+      cost = self.eval_fn.cost_analysis()
+      cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+      per_device = eval_batch_size / len(jax.devices())
+      return float(cost['flops']) / per_device
+    except Exception:  # pylint: disable=broad-except
+      return None
+
+  def train_step(self) -> None:
+    self.state, metrics = self.train_fn(self.state, *self.train_batch)
+    jax.block_until_ready((self.state, metrics))
+
+  def eval_step(self) -> None:
+    jax.block_until_ready(self.eval_fn(self.state, *self.eval_batch))
+
+
+def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
+  """Seconds of each of `steps` calls of `step` (which ends in a sync)."""
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def torch_variants(choice: str) -> tuple[list[str], Optional[str]]:
+  """The torch variants to run and, if torch is missing, why none run."""
+  if choice == 'none':
+    return [], 'disabled (--torch none)'
+  try:
+    import torch_nin  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    return [], f'not installed ({e})'
+  if choice == 'all':
+    return list(torch_nin.VARIANTS), None
+  variants = [v.strip() for v in choice.split(',') if v.strip()]
+  unknown = set(variants) - set(torch_nin.VARIANTS)
+  if unknown:
+    raise SystemExit(f'--torch: unknown variants {sorted(unknown)}; choose '
+                     f'from {torch_nin.VARIANTS}.')
+  return variants, None
+
+
+def build_torch(c, variants: list[str], warmup: int
+                ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """Builds and warms up each torch variant; failures are reported."""
+  import torch_nin  # pylint: disable=g-import-not-at-top
+  runners, info = {}, {}
+  for variant in variants:
+    try:
+      runner = torch_nin.TorchRunner(c.preset, c.batch_size, variant,
+                                     batch_norm=c.model.batch_norm)
+      start = time.perf_counter()
+      runner.train_step()
+      runner.eval_step()
+      info[variant] = {'compile_seconds': time.perf_counter() - start}
+      for _ in range(warmup):
+        runner.train_step()
+        runner.eval_step()
+      runners[variant] = runner
+    except Exception as e:  # pylint: disable=broad-except
+      info[variant] = {'error': f'{type(e).__name__}: {str(e)[:300]}'}
+  return runners, info
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+  """Builds, warms up and times every variant; returns the results."""
+  variants, torch_missing = torch_variants(args.torch)
+  c = load_config(args)
+  auto_devices = configure_devices(args, (c.batch_size, c.eval_batch_size))
+  jax_runner = JaxRunner(c)
+  for _ in range(args.warmup):
+    jax_runner.train_step()
+    jax_runner.eval_step()
+  torch_runners, torch_info = build_torch(c, variants, args.warmup)
+  if torch_runners:
+    import torch  # pylint: disable=g-import-not-at-top
+    torch_threads = torch.get_num_threads()
+  times = {'jax': ([], [])}
+  times.update({v: ([], []) for v in torch_runners})
+  for _ in range(args.rounds):
+    for name, runner in [('jax', jax_runner), *torch_runners.items()]:
+      time.sleep(0.2)  # Let the other framework's threads go idle.
+      times[name][0].extend(time_steps(runner.train_step, args.steps))
+      times[name][1].extend(time_steps(runner.eval_step, args.steps))
+
+  device = jax.devices()[0]
+  train_flops = 3 * jax_runner.flops_per_image
+  train_ips = c.batch_size / statistics.median(times['jax'][0])
+  eval_ips = c.eval_batch_size / statistics.median(times['jax'][1])
+  peak = (peak_flops(device.device_kind, c.dtype) if device.platform != 'cpu'
+          else None)
+  peak = peak * len(jax.devices()) if peak else None
+  result = {
+      'preset': c.preset, 'batch_size': c.batch_size,
+      'eval_batch_size': c.eval_batch_size, 'dtype': c.dtype,
+      'backend': jax.default_backend(), 'device_kind': device.device_kind,
+      'devices': len(jax.devices()), 'auto_cpu_devices': auto_devices,
+      'compile_seconds': jax_runner.compile_seconds,
+      'train_images_per_sec': train_ips, 'eval_images_per_sec': eval_ips,
+      'train_step_ms': 1e3 * statistics.median(times['jax'][0]),
+      'eval_step_ms': 1e3 * statistics.median(times['jax'][1]),
+      'forward_gflop_per_image': jax_runner.flops_per_image / 1e9,
+      'xla_forward_gflop_per_image': (
+          (jax_runner.xla_forward_flops_per_image(c.eval_batch_size) or 0)
+          / 1e9 or None),
+      'train_gflop_per_sec': train_ips * train_flops / 1e9,
+      'eval_gflop_per_sec': eval_ips * jax_runner.flops_per_image / 1e9,
+      'peak_tflop_per_sec': peak / 1e12 if peak else None,
+      'train_mfu': train_ips * train_flops / peak if peak else None,
+      'eval_mfu': (eval_ips * jax_runner.flops_per_image / peak
+                   if peak else None),
+      'steps': args.steps, 'rounds': args.rounds,
+      'torch': {}, 'torch_error': torch_missing, 'ratios': {},
+  }
+  for variant, info in torch_info.items():
+    if variant in times:
+      info['train_images_per_sec'] = c.batch_size / statistics.median(
+          times[variant][0])
+      # The torch peer evaluates a batch of --batch-size.
+      info['eval_images_per_sec'] = c.batch_size / statistics.median(
+          times[variant][1])
+      info['threads'] = torch_threads
+    result['torch'][variant] = info
+  result['ratios'] = ratios(result)
+  return result
+
+
+def ratios(result: dict[str, Any]) -> dict[str, float]:
+  """nin-jax over the matching PyTorch figures (>1: nin-jax is faster)."""
+  torch_ = {v: r for v, r in result['torch'].items()
+            if 'train_images_per_sec' in r}
+  out = {}
+  if result['dtype'] == 'float32':
+    fp32 = [torch_[v]['train_images_per_sec'] for v in ('eager', 'compile')
+            if v in torch_]
+    if fp32:
+      out['train_vs_best_torch_float32'] = (result['train_images_per_sec'] /
+                                            max(fp32))
+    if 'compile' in torch_:
+      out['eval_vs_torch_compile'] = (result['eval_images_per_sec'] /
+                                      torch_['compile']['eval_images_per_sec'])
+    if 'eager' in torch_:
+      out['eval_vs_torch_eager'] = (result['eval_images_per_sec'] /
+                                    torch_['eager']['eval_images_per_sec'])
+  if result['dtype'] == 'bfloat16' and 'bf16' in torch_:
+    out['train_vs_torch_bf16'] = (result['train_images_per_sec'] /
+                                  torch_['bf16']['train_images_per_sec'])
+    out['eval_vs_torch_bf16'] = (result['eval_images_per_sec'] /
+                                 torch_['bf16']['eval_images_per_sec'])
+  return out
+
+
+def print_table(result: dict[str, Any]) -> None:
+  """The human-readable report."""
+  print(f"{result['preset']}, batch {result['batch_size']} (eval "
+        f"{result['eval_batch_size']}), {result['dtype']}, "
+        f"{result['devices']} {result['backend']} device(s) "
+        f"({result['device_kind']}); {result['steps']} steps x "
+        f"{result['rounds']} rounds, median")
+  print(f"forward {result['forward_gflop_per_image']:.3f} GFLOP/image "
+        f"(XLA counts {result['xla_forward_gflop_per_image'] or 0:.3f}); "
+        f"first train step compiles in {result['compile_seconds']:.1f} s")
+  header = (f"{'variant':<30} {'train img/s':>11} {'eval img/s':>10} "
+            f"{'train GFLOP/s':>13} {'MFU':>6}")
+  print(header)
+  print('-' * len(header))
+  mfu = result['train_mfu']
+  print(f"{'nin-jax ' + result['dtype']:<30} "
+        f"{result['train_images_per_sec']:>11.1f} "
+        f"{result['eval_images_per_sec']:>10.1f} "
+        f"{result['train_gflop_per_sec']:>13.1f} "
+        f"{f'{100 * mfu:.1f}%' if mfu else '-':>6}")
+  names = {'eager': 'torch eager float32', 'compile': 'torch.compile float32',
+           'bf16': 'torch eager bf16 autocast'}
+  per_image = 3 * result['forward_gflop_per_image']
+  for variant, info in result['torch'].items():
+    if 'error' in info:
+      print(f'{names[variant]:<30} failed: {info["error"]}')
+      continue
+    print(f"{names[variant]:<30} {info['train_images_per_sec']:>11.1f} "
+          f"{info['eval_images_per_sec']:>10.1f} "
+          f"{info['train_images_per_sec'] * per_image:>13.1f} {'-':>6}")
+  if result['torch_error']:
+    print(f"torch: {result['torch_error']}")
+  for name, value in result['ratios'].items():
+    print(f'{name}: {value:.2f}x')
+
+
+def main(argv: list[str]) -> None:
+  args = parse_args(argv)
+  result = run(args)
+  if args.json:
+    print(json.dumps(result))
+  else:
+    print_table(result)
+
+
+if __name__ == '__main__':
+  main(sys.argv[1:])

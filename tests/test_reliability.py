@@ -1,0 +1,226 @@
+"""Faults with real processes: SIGKILL anywhere, SIGTERM, damaged checkpoints.
+
+The reference is one uninterrupted run; every interrupted run must end with
+bit-identical parameters and optimizer state.
+"""
+
+import json
+import os
+import pathlib
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from nin_jax import checkpoints
+from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS = 24
+ARGS = ['--config=configs/quickstart.py', f'--config.num_train_steps={STEPS}',
+        '--config.checkpoint_every_steps=6', '--config.eval_every_steps=8',
+        '--config.log_every_steps=1', '--config.keep_checkpoints=10']
+
+# Runs nin_jax.main with a fault injected at a chosen point, in-process:
+#   step:N   SIGKILL while logging train step N (between steps)
+#   save:N   SIGKILL right after the save of step N started (write in flight)
+#   eval:K   SIGKILL inside the K-th evaluation, after its first batch ran
+FAULT_RUNNER = r'''
+import os, signal, sys
+kind, _, when = os.environ.get('NIN_JAX_TEST_FAULT', ':').partition(':')
+when = int(when or 0)
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+from nin_jax import checkpoints, input_pipeline, metric_writers
+if kind == 'step':
+  write = metric_writers.MetricWriter.write
+  def write_then_die(self, step, split, metrics):
+    write(self, step, split, metrics)
+    if split == 'train' and step == when:
+      die()
+  metric_writers.MetricWriter.write = write_then_die
+if kind == 'save':
+  save = checkpoints.save
+  def save_then_die(manager, step, state, force=False):
+    result = save(manager, step, state, force)
+    if step == when:
+      die()
+    return result
+  checkpoints.save = save_then_die
+if kind == 'eval':
+  batches, calls = input_pipeline.eval_batches, []
+  def batches_then_die(*args):
+    calls.append(1)
+    for batch in batches(*args):
+      yield batch
+      if len(calls) == when:
+        die()
+  input_pipeline.eval_batches = batches_then_die
+from absl import app
+from nin_jax import main
+app.run(main.main)
+'''
+
+
+def launch(workdir, fault=None, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  if fault:
+    env['NIN_JAX_TEST_FAULT'] = fault
+  return subprocess.Popen(
+      [sys.executable, '-c', FAULT_RUNNER, *ARGS, f'--workdir={workdir}',
+       *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return proc.returncode, err
+
+
+def final_state(workdir, step=STEPS):
+  return checkpoints.read_numpy(
+      str(pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'))
+
+
+def assert_identical(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), \
+      jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+@pytest.fixture(scope='module')
+def reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('reference')
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
+  return final_state(workdir)
+
+
+def launch_until(workdir, ready):
+  """Starts a run and returns it once `ready(metrics.jsonl lines)` holds."""
+  proc = launch(workdir)
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.time() + 180
+  while time.time() < deadline and proc.poll() is None:
+    if metrics.exists() and ready(metrics.read_text().splitlines()):
+      break
+    time.sleep(0.05)
+  return proc
+
+
+def test_sigkill_at_five_points_then_bit_identical(reference, tmp_path):
+  workdir = tmp_path / 'killed'
+  for fault in ('step:3', 'save:12', 'eval:1', 'step:17', 'save:24'):
+    code, err = finish(launch(workdir, fault))
+    assert code == -signal.SIGKILL, (fault, err[-3000:])
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
+  assert_identical(final_state(workdir), reference)
+
+
+def test_sigkill_from_outside_at_an_arbitrary_moment(reference, tmp_path):
+  workdir = tmp_path / 'outside'
+  proc = launch_until(workdir, lambda lines: len(lines) >= 10)
+  proc.kill()
+  proc.communicate()
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
+  assert_identical(final_state(workdir), reference)
+
+
+def test_sigterm_saves_exits_zero_and_resumes(reference, tmp_path):
+  workdir = tmp_path / 'term'
+  proc = launch_until(
+      workdir, lambda lines: any(json.loads(l)['step'] >= 8 for l in lines))
+  proc.send_signal(signal.SIGTERM)
+  code, err = finish(proc)
+  assert code == 0, err[-3000:]
+  assert 'SIGTERM' in err
+  saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  assert saved and saved[-1] < STEPS and saved[-1] >= 8
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
+  assert f'Resumed from the checkpoint at step {saved[-1]}' in err
+  assert_identical(final_state(workdir), reference)
+
+
+def corrupt_truncate(step_dir):
+  files = sorted((f for f in step_dir.rglob('*') if f.is_file() and
+                  f.stat().st_size > 1000), key=lambda f: -f.stat().st_size)
+  with open(files[0], 'r+b') as f:
+    f.truncate(files[0].stat().st_size // 3)
+
+
+def corrupt_remove_metadata(step_dir):
+  for f in step_dir.rglob('_METADATA'):
+    f.unlink()
+
+
+@pytest.fixture(scope='module')
+def run_to_18(tmp_path_factory):
+  """A workdir trained to step 18 (checkpoints at 6, 12, 18), to damage."""
+  workdir = tmp_path_factory.mktemp('to18') / 'run'
+  code, err = finish(launch(workdir, extra=['--config.num_train_steps=18']))
+  assert code == 0, err[-3000:]
+  return workdir
+
+
+@pytest.mark.parametrize('damage', [corrupt_truncate, corrupt_remove_metadata])
+def test_damaged_newest_checkpoint_falls_back(reference, run_to_18, tmp_path,
+                                              damage):
+  workdir = tmp_path / 'damaged'
+  shutil.copytree(run_to_18, workdir)
+  damage(workdir / 'checkpoints' / '18')
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
+  assert 'step 18' in err and 'damaged' in err
+  assert 'Resumed from the checkpoint at step 12' in err
+  assert (workdir / 'damaged_checkpoints' / '18').exists()  # Kept, aside.
+  assert_identical(final_state(workdir), reference)
+
+
+def test_checkpoint_of_another_model_is_refused(tmp_path, quickstart_config):
+  c = quickstart_config
+  c.num_train_steps = 2
+  workdir = str(tmp_path / 'run')
+  train.train_and_evaluate(c, workdir)
+  (pathlib.Path(workdir) / 'config.json').unlink()  # Bypass the config check.
+  c.model.batch_norm = False
+  with pytest.raises(checkpoints.CheckpointMismatchError,
+                     match=r'step 2 .*differ'):
+    train.train_and_evaluate(c, workdir)
+  assert (pathlib.Path(workdir) / 'checkpoints' / '2').exists()
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(
+    tmp_path, quickstart_config, monkeypatch):
+  c = quickstart_config
+  c.num_train_steps, c.checkpoint_every_steps = 12, 6
+  workdir = tmp_path / 'full'
+  save = checkpoints.save
+
+  def failing_save(manager, step, state, force=False):
+    if step == 12:
+      raise OSError(28, 'No space left on device')
+    return save(manager, step, state, force)
+
+  monkeypatch.setattr(checkpoints, 'save', failing_save)
+  with pytest.raises(OSError, match='No space left'):
+    train.train_and_evaluate(c, str(workdir))
+  assert (workdir / 'checkpoints' / '6').exists()
+  monkeypatch.setattr(checkpoints, 'save', save)
+  result = train.train_and_evaluate(c, str(workdir))
+  assert result['step'] == 12
