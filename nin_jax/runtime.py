@@ -129,6 +129,7 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
   if count is not None:
     jax.config.update('jax_num_cpu_devices', count)
     logging.info('CPU only: each batch is split over %d virtual CPU devices '
-                 '(XLA_FLAGS=%s=N chooses another count).', count,
+                 '(--config.cpu_devices=N caps it, 1 turns it off; '
+                 'XLA_FLAGS=%s=N sets it).', count,
                  CPU_DEVICE_COUNT_FLAG)
   return count
