@@ -18,6 +18,7 @@ from absl import logging
 
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import runtime
 from nin_jax import train
 
 
@@ -68,6 +69,7 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
     except (ValueError, SyntaxError):
       pass  # A bare string such as modern.
     c.update_from_flattened_dict({field: value})
+  runtime.configure_cpu((c.batch_size, c.eval_batch_size), c.cpu_devices)
   workdir = os.path.abspath(args.workdir)  # Orbax needs absolute paths.
   start = time.time()
   try:

@@ -46,8 +46,7 @@ def main(argv):
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
     runtime.configure_cpu(
         (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
-        FLAGS.config.cpu_devices if FLAGS.config.cpu_devices > 0 else
-        runtime.DEFAULT_CPU_DEVICES)
+        FLAGS.config.cpu_devices)
   runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                      FLAGS.process_id, FLAGS.distributed)
   # pylint: disable=g-import-not-at-top

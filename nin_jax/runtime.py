@@ -119,7 +119,9 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
 
   Must run before JAX initializes its backends (before any device is
   touched); afterwards, or in a multi-process job, it does nothing.
+  `target` <= 0 means DEFAULT_CPU_DEVICES (config.cpu_devices = 0).
   """
+  target = target if target > 0 else DEFAULT_CPU_DEVICES
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
   if xla_bridge.backends_are_initialized() or _multi_process_cluster():
     return None
