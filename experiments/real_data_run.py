@@ -28,13 +28,6 @@ def data_root() -> pathlib.Path:
                                      REPO.parent / 'shared' / 'data'))
 
 
-class _QuietOrbax(logging.logging.Filter):
-
-  def filter(self, record):
-    return (record.levelno >= logging.logging.WARNING or
-            'orbax' not in record.pathname)
-
-
 def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
   """Parses --workdir/--npz/--epochs/--steps/--set, trains, prints one line."""
   parser = argparse.ArgumentParser(
@@ -54,7 +47,7 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
   args = parser.parse_args()
 
   logging.set_verbosity(logging.INFO)
-  logging.get_absl_logger().addFilter(_QuietOrbax())
+  logging.get_absl_logger().addFilter(runtime.QuietLibraries())
   c = config_lib.sibling_config(str(REPO / 'configs' / config_file),
                                 config_file)
   c.dataset = f'npz:{args.npz}'

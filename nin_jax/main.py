@@ -31,18 +31,10 @@ flags.DEFINE_enum('distributed', 'auto', runtime.DISTRIBUTED_MODES,
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
-class _QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax and tensorstore (warnings still show)."""
-
-  def filter(self, record):
-    return (record.levelno >= logging.logging.WARNING or
-            'orbax' not in record.pathname)
-
-
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  logging.get_absl_handler().addFilter(_QuietLibraries())
+  logging.get_absl_handler().addFilter(runtime.QuietLibraries())
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
     runtime.configure_cpu(
         (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),

@@ -24,13 +24,18 @@ from absl import logging
 DEFAULT_CPU_DEVICES = 8
 CPU_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
-# Environment variables by which JAX's cluster detection recognizes a
-# multi-process job (SLURM, Open MPI, Cloud TPU pods, explicit coordinator).
-_CLUSTER_HINTS = ('SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
-                  'TPU_WORKER_HOSTNAMES', 'JAX_COORDINATOR_ADDRESS')
+
+class QuietLibraries(logging.logging.Filter):
+  """Drops INFO chatter of orbax and tensorstore (warnings still show)."""
+
+  def filter(self, record):
+    return (record.levelno >= logging.logging.WARNING or
+            'orbax' not in record.pathname)
 
 
 def _multi_process_cluster() -> bool:
+  """True when the environment shows a multi-process SLURM, Open MPI or
+  TPU job, or names a JAX coordinator."""
   if int(os.environ.get('SLURM_NTASKS', '1')) > 1:
     return True
   if int(os.environ.get('OMPI_COMM_WORLD_SIZE', '1')) > 1:
