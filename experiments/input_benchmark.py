@@ -3,6 +3,7 @@ r"""Input pipeline speed against the train step, for CIFAR-10-shaped data.
   python experiments/input_benchmark.py               # random arrays
   python experiments/input_benchmark.py --source=npz  # the shared CIFAR-10
   python experiments/input_benchmark.py --json        # one JSON object
+  python experiments/input_benchmark.py --source=imagenet  # streamed JPEGs
 
 Rows:
   train_batches  `input_pipeline.train_batches`: host gather of each global
@@ -11,6 +12,14 @@ Rows:
                  --tfds_images of the same images written here (read + PNG
                  decode with Pillow, no TensorFlow): a one-off cost at start.
   train_step     the compiled CIFAR-10 NiN train step (configs/cifar10.py).
+
+--source=imagenet writes --imagenet_images synthetic 375x500 JPEGs (smooth
+colour fields plus noise, about 75 KB each at quality 90, near ImageNet's
+average) as a prepared imagenet2012 copy in a temporary directory and times
+the streamed splits of configs/imagenet.py (224x224 crops, one process):
+  stream_train   `train_batches`: read + decode + random-resized crop + flip.
+  stream_eval    `eval_batches`: read + decode + central crop.
+Rows are images/s of this process with --data_workers decoding threads.
 
 The input side must be at least 10x faster than the train step. Run it on an
 otherwise idle machine: the numbers are wall-clock rates.
@@ -101,9 +110,68 @@ def time_train_step(batch_size: int, num_steps: int, trainer: train.Trainer,
   return (time.perf_counter() - start) / num_steps
 
 
+def synthetic_jpeg_pixels(rng: np.random.Generator, n: int, height: int = 375,
+                          width: int = 500) -> list[np.ndarray]:
+  """n uint8 images [height, width, 3]: smooth colour fields plus noise."""
+  yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+  images = []
+  for _ in range(n):
+    f = rng.uniform(5, 40, (3, 2))
+    phase = rng.uniform(0, 6.3, 3)
+    smooth = np.stack([128 + 100 * np.sin(xx / f[c, 0] + yy / f[c, 1] +
+                                          phase[c]) for c in range(3)], -1)
+    noise = rng.normal(0, 12, (height, width, 3))
+    images.append(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+  return images
+
+
+def time_stream(batches, num_batches: int, batch_size: int,
+                warmup: int = 1) -> float:
+  """Images/s of the first `num_batches` global batches after `warmup`."""
+  for _ in range(warmup):
+    jax.block_until_ready(next(batches))
+  start = time.perf_counter()
+  for _ in range(num_batches):
+    jax.block_until_ready(next(batches))
+  seconds = time.perf_counter() - start
+  batches.close()
+  return num_batches * batch_size / seconds
+
+
+def imagenet_main(args: argparse.Namespace) -> dict:
+  """Streamed-ImageNet rates (images/s per process) on synthetic JPEGs."""
+  rng = np.random.default_rng(0)
+  n = args.imagenet_images
+  images = synthetic_jpeg_pixels(rng, n)
+  labels = rng.integers(0, 1000, n)
+  c = config_lib.sibling_config(str(REPO / 'configs' / 'x'), 'imagenet.py')
+  c.data_workers, c.batch_size = args.data_workers, args.batch_size
+  with tempfile.TemporaryDirectory() as data_dir:
+    with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress.
+      tfds_source.write_prepared('imagenet2012', data_dir,
+                                 {'train': (images, labels),
+                                  'validation': (images, labels)})
+    c.data_dir = data_dir
+    dataset = input_pipeline.load_dataset(c, 1000)
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    batch = args.batch_size
+    train_rate = time_stream(  # Two epochs: nothing is cached between them.
+        input_pipeline.train_batches(dataset.train, 0, batch, 0, sharding),
+        2 * (n // batch) - 1, batch)
+    eval_rate = time_stream(  # The padded last batch decodes whole too.
+        input_pipeline.eval_batches(dataset.eval, batch, sharding),
+        -(-n // batch) - 1, batch)
+  return {'source': 'imagenet', 'num_images': n, 'image': [375, 500],
+          'crop': c.image_size, 'batch_size': args.batch_size,
+          'data_workers': dataset.train.workers,
+          'rows': {'stream_train': {'images_per_sec': train_rate},
+                   'stream_eval': {'images_per_sec': eval_rate}}}
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument('--source', choices=('random', 'npz'), default='random')
+  parser.add_argument('--source', choices=('random', 'npz', 'imagenet'),
+                      default='random')
   parser.add_argument('--npz', default=default_npz(),
                       help='CIFAR-10 .npz for --source=npz (default: '
                       '$NIN_JAX_DATA_DIR or ../shared/data).')
@@ -112,11 +180,28 @@ def main() -> None:
   parser.add_argument('--num_batches', type=int, default=200)
   parser.add_argument('--num_steps', type=int, default=5)
   parser.add_argument('--tfds_images', type=int, default=10_000)
+  parser.add_argument('--imagenet_images', type=int, default=640,
+                      help='--source=imagenet: JPEGs written and streamed.')
+  parser.add_argument('--data_workers', type=int, default=0,
+                      help='--source=imagenet: decoding threads (0 = '
+                      'os.cpu_count()).')
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args()
   logging.set_verbosity(logging.WARNING)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
+  if args.source == 'imagenet':
+    result = imagenet_main(args)
+    if args.json:
+      print(json.dumps(result))
+      return
+    print(f'streamed imagenet2012: {result["num_images"]} synthetic 375x500 '
+          f'JPEGs, {result["crop"]}x{result["crop"]} crops, batch '
+          f'{args.batch_size}, {result["data_workers"]} decoding threads, '
+          f'one process')
+    for name, row in result['rows'].items():
+      print(f'{name:<15}{row["images_per_sec"]:>12.0f} images/s')
+    return
 
   images, labels = load_images(args.source, args.npz, args.num_images)
   scaled, _ = preprocessing.preprocess(images, images[:1], 'scale', 255.0)

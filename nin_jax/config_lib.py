@@ -22,6 +22,10 @@ DTYPES = ('float32', 'bfloat16', 'float16')
 DATASET_KINDS = ('npz', 'tfds', 'sklearn')
 SKLEARN_DATASETS = ('digits',)
 TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012')
+# Too big for host memory: decoded per batch (see streaming.py).
+STREAMED_TFDS = ('imagenet2012',)
+# Per-pixel normalizations a streamed dataset can use (applied on device).
+STREAMED_PREPROCESSING = ('standardize', 'scale', 'none')
 
 
 class ConfigError(ValueError):
@@ -43,6 +47,11 @@ def default_config() -> ml_collections.ConfigDict:
   c.augment = False               # Random translation (+ flip) on device.
   c.translate_pixels = 4
   c.flip = True                   # Horizontal flip (off for digits).
+  # Streamed datasets (ImageNet) only: side of the square crops fed to the
+  # model (0 = the preset's, 224 for 'imagenet'), and the threads decoding
+  # JPEGs (0 = os.cpu_count()).
+  c.image_size = 0
+  c.data_workers = 0
 
   c.model = ml_collections.ConfigDict()
   c.model.head = 'gap'            # 'gap' (paper) or 'fc' (Table 5 ablation).
@@ -98,6 +107,17 @@ def parse_dataset(dataset: str) -> tuple[str, str]:
     raise ConfigError(f'config.dataset={dataset!r}: supported TFDS datasets '
                       f'are {TFDS_DATASETS}.')
   return kind, name
+
+
+def is_streamed(dataset: str) -> bool:
+  """True for a dataset decoded batch by batch ('tfds:imagenet2012')."""
+  kind, _, name = dataset.partition(':')
+  return kind == 'tfds' and name.split('/')[0].split(':')[0] in STREAMED_TFDS
+
+
+def streamed_image_size(c: ml_collections.ConfigDict) -> int:
+  """Side of a streamed dataset's square crops: image_size, else the preset's."""
+  return c.image_size or models.PRESETS[c.preset].image_size
 
 
 def _check(ok: bool, field: str, value, expected: str) -> None:
@@ -163,11 +183,33 @@ def validate_config(c: ml_collections.ConfigDict,
            'must be a positive integer, or -1 to use num_epochs')
   _check(c.translate_pixels >= 0, 'translate_pixels', c.translate_pixels,
          'must be >= 0')
+  _check_streamed(c)
   if num_devices is not None:
     for field in ('batch_size', 'eval_batch_size'):
       _check(c[field] % num_devices == 0, field, c[field],
              f'must be divisible by the {num_devices} devices (e.g. '
              f'{max(1, c[field] // num_devices) * num_devices})')
+
+
+def _check_streamed(c: ml_collections.ConfigDict) -> None:
+  """The fields that only streamed datasets use, or that they cannot honour."""
+  for field in ('image_size', 'data_workers'):
+    _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
+           'must be a non-negative integer (0 = default)')
+  if not is_streamed(c.dataset):
+    _check(c.image_size == 0, 'image_size', c.image_size,
+           f'only streamed datasets ({["tfds:" + n for n in STREAMED_TFDS]}) '
+           f'are cropped to a size; {c.dataset} keeps its own, so set it to 0')
+    return
+  _check(c.preprocessing in STREAMED_PREPROCESSING, 'preprocessing',
+         c.preprocessing,
+         f'{c.dataset} is streamed and normalized pixel by pixel on device, '
+         f'so it needs one of {STREAMED_PREPROCESSING} (standardize: the '
+         f'fixed ImageNet mean and std); {c.preprocessing} needs statistics '
+         f'of the whole decoded training set')
+  _check(not c.validation_split, 'validation_split', c.validation_split,
+         f"{c.dataset} already evaluates on its held-out 'validation' split "
+         f'(its test labels are not public); set it to False')
 
 
 def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
@@ -177,11 +219,12 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
   blocks = models.PRESETS[c.preset].blocks
   for size in (height, width):
     if models.output_size(blocks, size) < 1:
+      fix = ('raise config.image_size' if is_streamed(c.dataset) else
+             'pick a preset made for this dataset')
       raise ConfigError(
           f'config.preset={c.preset!r} cannot take {height}x{width} images '
           f'(its convolutions and pools need at least '
-          f'{_min_input_size(blocks)} pixels); pick a preset made for '
-          f'this dataset.')
+          f'{_min_input_size(blocks)} pixels); {fix}.')
 
 
 def _min_input_size(blocks) -> int:

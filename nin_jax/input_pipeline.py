@@ -11,21 +11,25 @@ Sources (config.dataset):
 `config.validation_split` holds out the paper's validation set
 (`validation_holdout`); `config.use_extra_split` adds SVHN's 'extra' split.
 
-Every split fits in host memory. The training order is a pure function of
-(seed, step): batch `step` holds rows of the permutation of epoch
-`step // steps_per_epoch`, so a resumed run sees exactly the batches an
-uninterrupted one would. Each process materializes only its own rows of every
-global batch. Augmentation (translation, flip) runs on device inside the
-compiled train step, keyed by (seed, step).
+Every split but ImageNet's fits in host memory (`Split`); ImageNet is decoded
+batch by batch (`streaming.StreamSplit`, the same interface). The training
+order is a pure function of (seed, step): batch `step` holds rows of the
+permutation of epoch `step // steps_per_epoch`, so a resumed run sees exactly
+the batches an uninterrupted one would. Each process materializes only its own
+rows of every global batch. Augmentation (translation, flip) runs on device
+inside the compiled train step, keyed by (seed, step); a streamed split crops
+and flips on the host instead, keyed by (seed, step, row).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import os
 import zipfile
-from typing import Iterator, Optional
+from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator,
+                    NamedTuple, Optional, Union)
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +39,21 @@ from absl import logging
 
 from nin_jax import config_lib
 from nin_jax import preprocessing
+
+if TYPE_CHECKING:
+  from nin_jax import streaming  # pylint: disable=g-bad-import-order
+
+# The fixed ImageNet statistics of streamed datasets, in uint8 pixel units.
+IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
+IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+
+
+class RowKeys(NamedTuple):
+  """What seeds the host augmentation of a training batch: the run's seed,
+  the step and the rows [n] (positions in the global batch) being read."""
+  seed: int
+  step: int
+  rows: np.ndarray
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,19 +65,38 @@ class Split:
   def __len__(self) -> int:
     return int(self.labels.shape[0])
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    return tuple(self.images.shape[1:])
+
+  def read(self, indices: np.ndarray, keys: Optional[RowKeys],
+           map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
+    """Images [n, h, w, c] and labels [n] of examples `indices` [n]; in
+    memory, so `keys` (augmentation runs on device) and `map_fn` are unused."""
+    del keys, map_fn
+    return self.images[indices], self.labels[indices]
+
+  def batches(self, make_batch: Callable[[Any, Callable], Any],
+              keys: Iterable[Any]) -> Iterator[Any]:
+    """`make_batch(key, map)` for each key, made when asked for."""
+    return (make_batch(key, map) for key in keys)
+
+
+AnySplit = Union[Split, 'streaming.StreamSplit']
+
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
   """A train split, an evaluation split (test or held-out validation)."""
   name: str
-  train: Split
-  eval: Split
+  train: AnySplit
+  eval: AnySplit
   num_classes: int
   eval_name: str = 'test'
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
-    return tuple(self.train.images.shape[1:])
+    return self.train.image_shape
 
 
 class DataError(ValueError):
@@ -272,7 +310,11 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]
 
 
 def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
-  """Loads, splits and preprocesses `c.dataset` on the host."""
+  """Loads, splits and preprocesses `c.dataset` on the host (a streamed
+  dataset is only opened: its batches are decoded as they are needed)."""
+  if config_lib.is_streamed(c.dataset):
+    from nin_jax import streaming  # pylint: disable=g-import-not-at-top
+    return streaming.load_dataset(c, num_classes)
   raw = load_raw(c)
   check_labels(raw, num_classes, c.dataset)
   eval_name = 'test'
@@ -328,37 +370,61 @@ def process_rows(global_batch: int) -> slice:
   return slice(start, start + local)
 
 
-def train_batches(split: Split, seed: int, batch_size: int, start_step: int,
-                  sharding: jax.sharding.Sharding
-                  ) -> Iterator[tuple[jax.Array, jax.Array]]:
+class GlobalBatches:
+  """Iterates the tuples of this process's rows made by `host_batches` as
+  global arrays sharded by `sharding`. `close()` stops a streamed split's
+  decoding threads (also before the first batch, unlike a generator's)."""
+
+  def __init__(self, sharding: jax.sharding.Sharding,
+               host_batches: Iterator[tuple[np.ndarray, ...]]):
+    self._sharding = sharding
+    self._host_batches = host_batches
+
+  def __iter__(self) -> GlobalBatches:
+    return self
+
+  def __next__(self) -> tuple[jax.Array, ...]:
+    return tuple(jax.make_array_from_process_local_data(self._sharding, x)
+                 for x in next(self._host_batches))
+
+  def close(self) -> None:
+    self._host_batches.close()
+
+
+def train_batches(split: AnySplit, seed: int, batch_size: int,
+                  start_step: int, sharding: jax.sharding.Sharding
+                  ) -> GlobalBatches:
   """Global batches (images, labels) from `start_step` on, sharded by `sharding`.
 
-  Only this process's rows are gathered from host memory.
+  Only this process's rows are read (gathered from host memory, or decoded
+  and cropped with draws keyed by (seed, step, row) for a streamed split).
   """
-  rows = process_rows(batch_size)
-  step = start_step
-  while True:
+  rows = np.arange(batch_size)[process_rows(batch_size)]
+
+  def host_batch(step: int, map_fn: Callable
+                 ) -> tuple[np.ndarray, np.ndarray]:
     idx = train_batch_indices(seed, step, batch_size, len(split))[rows]
-    yield (
-        jax.make_array_from_process_local_data(sharding, split.images[idx]),
-        jax.make_array_from_process_local_data(sharding, split.labels[idx]))
-    step += 1
+    return split.read(idx, RowKeys(seed, step, rows), map_fn)
+
+  return GlobalBatches(
+      sharding, split.batches(host_batch, itertools.count(start_step)))
 
 
-def eval_batches(split: Split, batch_size: int,
-                 sharding: jax.sharding.Sharding
-                 ) -> Iterator[tuple[jax.Array, jax.Array, jax.Array]]:
+def eval_batches(split: AnySplit, batch_size: int,
+                 sharding: jax.sharding.Sharding) -> GlobalBatches:
   """(images, labels, mask) covering every example once; the last batch is
   padded and its padding masked out."""
   n = len(split)
   rows = process_rows(batch_size)
-  for start in range(0, n, batch_size):
+
+  def host_batch(start: int, map_fn: Callable
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     idx = np.arange(start, start + batch_size)[rows]
     mask = idx < n
-    idx = np.where(mask, idx, 0)
-    yield (jax.make_array_from_process_local_data(sharding, split.images[idx]),
-           jax.make_array_from_process_local_data(sharding, split.labels[idx]),
-           jax.make_array_from_process_local_data(sharding, mask))
+    return (*split.read(np.where(mask, idx, 0), None, map_fn), mask)
+
+  return GlobalBatches(sharding,
+                       split.batches(host_batch, range(0, n, batch_size)))
 
 
 # ----------------------------------------------------------- augmentation --
@@ -401,6 +467,42 @@ def is_svhn(dataset: str) -> bool:
 
 def flip_allowed(c: ml_collections.ConfigDict) -> bool:
   return bool(c.flip) and not is_digit_dataset(c.dataset)
+
+
+def device_augment_fn(c: ml_collections.ConfigDict
+                      ) -> Optional[Callable[[jax.Array, jax.Array],
+                                             jax.Array]]:
+  """`augment` as the train step applies it, or None: config.augment is off,
+  or the dataset is streamed (its host crops and flips while decoding)."""
+  if not c.augment or config_lib.is_streamed(c.dataset):
+    return None
+  return functools.partial(augment, translate=c.translate_pixels,
+                           flip=flip_allowed(c))
+
+
+def device_normalize_fn(c: ml_collections.ConfigDict
+                        ) -> Optional[Callable[[jax.Array], jax.Array]]:
+  """For a streamed dataset (uint8 batches) the normalization of
+  config.preprocessing, run on device first in both steps; None otherwise
+  (in-memory splits are normalized on the host once)."""
+  if not config_lib.is_streamed(c.dataset):
+    return None
+  if c.preprocessing == 'standardize':
+    return standardize_imagenet
+  return scale_pixels
+
+
+def standardize_imagenet(images: jax.Array) -> jax.Array:
+  """uint8 [batch, h, w, 3] -> float32, standardized with the ImageNet
+  per-channel mean and std."""
+  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
+  std = jnp.asarray(IMAGENET_STD, jnp.float32)
+  return (images.astype(jnp.float32) - mean) / std
+
+
+def scale_pixels(images: jax.Array) -> jax.Array:
+  """uint8 [batch, h, w, c] -> float32 in [0, 1]."""
+  return images.astype(jnp.float32) / 255.0
 
 
 def describe(dataset: Dataset) -> Optional[str]:

@@ -8,8 +8,10 @@ tensorflow-datasets, array_record and Pillow. Every split nin-jax trains on
 (ImageNet aside) fits in host memory, so tf.data's streaming buys nothing here:
 each split is decoded once at start (about 6,700 CIFAR-sized images/s on a
 2-core CPU, experiments/input_benchmark.py) and batched from memory after that.
+ImageNet does not fit: `encoded_sources` hands its splits to streaming.py with
+the JPEGs left encoded, to be decoded and cropped batch by batch.
 
-Nothing here downloads: `load_arrays` looks for a prepared copy in `data_dir`
+Nothing here downloads: `open_builder` looks for a prepared copy in `data_dir`
 and raises `DataError` at once (well under a second) when there is none,
 instead of letting TFDS retry a download for minutes on an offline machine.
 """
@@ -23,13 +25,15 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import logging
 
+from nin_jax import config_lib
 from nin_jax import input_pipeline
 
 DataError = input_pipeline.DataError
 
 # Splits read per dataset; SVHN's 'extra' is read only when asked for.
 EXTRA_SPLITS = {'svhn_cropped': 'extra'}
-STREAMING_ONLY = ('imagenet2012',)
+# The evaluation split where it is not 'test'.
+EVAL_SPLITS = {'imagenet2012': 'validation'}
 READ_CHUNK = 4096
 
 
@@ -73,12 +77,6 @@ def not_prepared_message(name: str, data_dir: Optional[str],
 
 def open_builder(name: str, data_dir: Optional[str]):
   """Builder of a prepared array_record copy of `name` (or DataError)."""
-  if base_name(name) in STREAMING_ONLY:
-    raise DataError(
-        f'config.dataset=tfds:{name} is not supported yet: it does not fit in '
-        f'host memory and nin-jax has no streaming input pipeline (decoding '
-        f'and random-resized crops per process) yet. Use a dataset that fits '
-        f'in memory, or an npz subset (--config.dataset=npz:PATH).')
   tfds = _import_tfds()
   try:
     builder = tfds.builder(name, data_dir=data_dir)
@@ -133,23 +131,39 @@ def read_split(source, name: str, split: str) -> Arrays:
   return Arrays(images, labels)
 
 
-def load_arrays(name: str, data_dir: Optional[str] = None,
-                with_extra: bool = False) -> dict[str, Arrays]:
-  """Reads splits 'train', 'test' (and 'extra' if `with_extra`) into memory."""
-  builder = open_builder(name, data_dir)
-  splits = ['train', 'test']
+def split_names(name: str, with_extra: bool = False) -> list[str]:
+  """The splits read: 'train', the evaluation split, 'extra' if `with_extra`."""
+  splits = ['train', EVAL_SPLITS.get(base_name(name), 'test')]
   if with_extra:
     if base_name(name) not in EXTRA_SPLITS:
       raise DataError(
           f'config.use_extra_split=True but tfds:{name} has no extra split; '
           f'only {sorted(EXTRA_SPLITS)} has one. Set it to False.')
     splits.append(EXTRA_SPLITS[base_name(name)])
+  return splits
+
+
+def _check_splits(builder, name: str, splits: Sequence[str]) -> None:
+  """Raises DataError if the prepared copy lacks one of `splits`."""
   available = set(builder.info.splits.keys())
   missing = [s for s in splits if s not in available]
   if missing and available:
     raise DataError(f'config.dataset=tfds:{name}: the copy in '
                     f'{builder.data_dir} lacks splits {missing} (it has '
                     f'{sorted(available)}); prepare them or use npz:PATH.')
+
+
+def load_arrays(name: str, data_dir: Optional[str] = None,
+                with_extra: bool = False) -> dict[str, Arrays]:
+  """Reads splits 'train', 'test' (and 'extra' if `with_extra`) into memory."""
+  if base_name(name) in config_lib.STREAMED_TFDS:
+    raise DataError(
+        f'config.dataset=tfds:{name} does not fit in host memory: it is '
+        f'streamed batch by batch (input_pipeline.load_dataset), never read '
+        f'whole.')
+  builder = open_builder(name, data_dir)
+  splits = split_names(name, with_extra)
+  _check_splits(builder, name, splits)
   sources = builder.as_data_source(split=splits)
   arrays = {}
   for split, source in zip(splits, sources):
@@ -160,13 +174,37 @@ def load_arrays(name: str, data_dir: Optional[str] = None,
   return arrays
 
 
+def encoded_sources(name: str, data_dir: Optional[str], num_classes: int,
+                    with_extra: bool = False) -> dict[str, Sequence[dict]]:
+  """Random-access sources of the splits of `name` (see `split_names`) whose
+  examples keep their images encoded: {'image': JPEG/PNG bytes, 'label': int,
+  ...}. Raises DataError if the labels need more than `num_classes` classes."""
+  tfds = _import_tfds()
+  builder = open_builder(name, data_dir)
+  label = builder.info.features['label']
+  if getattr(label, 'num_classes', 0) > num_classes:
+    raise DataError(f'config.dataset=tfds:{name} has {label.num_classes} '
+                    f'classes but the preset has {num_classes}; pick a preset '
+                    f'(config.preset) with {label.num_classes} classes.')
+  splits = split_names(name, with_extra)
+  _check_splits(builder, name, splits)
+  sources = builder.as_data_source(
+      split=splits, decoders={'image': tfds.decode.SkipDecoding()})
+  logging.info('Streaming tfds:%s %s from %s', name,
+               {s: len(source) for s, source in zip(splits, sources)},
+               builder.data_dir)
+  return dict(zip(splits, sources))
+
+
 def write_prepared(name: str, data_dir: str,
                    splits: dict[str, tuple[np.ndarray, np.ndarray]]) -> str:
   """Writes arrays as a prepared array_record copy of TFDS dataset `name`.
 
-  No TensorFlow needed (images are encoded as PNG by Pillow). For tests,
-  benchmarks and offline conversion of arrays one already has. `splits` maps
-  a split name to (images [n, height, width, channels] uint8, labels [n]).
+  No TensorFlow needed (Pillow encodes the images in the dataset's format:
+  PNG, or JPEG for imagenet2012). For tests, benchmarks and offline
+  conversion of arrays one already has. `splits` maps a split name to
+  (images, labels [n]): images [n, height, width, channels] uint8, or a list
+  of n such [height, width, channels] arrays of different sizes.
   Features other than 'image' and 'label' (e.g. 'id') get placeholder values
   ('<split>_<index>' for text ids). Returns the dataset's directory.
   """

@@ -164,13 +164,18 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
           'count': jnp.sum(mask)}
 
 
-def evaluate(eval_fn: Callable, state: TrainState, split: input_pipeline.Split,
-             batch_size: int, sharding: NamedSharding) -> dict[str, float]:
+def evaluate(eval_fn: Callable, state: TrainState,
+             split: input_pipeline.AnySplit, batch_size: int,
+             sharding: NamedSharding) -> dict[str, float]:
   """Loss, accuracy and error over every example of `split`, each once."""
   totals = None
-  for batch in input_pipeline.eval_batches(split, batch_size, sharding):
-    sums = eval_fn(state, *batch)
-    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  batches = input_pipeline.eval_batches(split, batch_size, sharding)
+  try:
+    for batch in batches:
+      sums = eval_fn(state, *batch)
+      totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+  finally:
+    batches.close()  # Stops a streamed split's decoding threads.
   totals = jax.device_get(totals)
   count = int(totals['count'])
   accuracy = float(totals['correct']) / count
@@ -182,23 +187,35 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
                   tx: optax.GradientTransformation,
                   schedule: optimizer_lib.Schedule, mesh: Mesh,
                   state_sharding: Any) -> tuple[Callable, Callable]:
-  """The jitted train and eval steps, batch sharded over 'data'."""
+  """The jitted train and eval steps, batch sharded over 'data'.
+
+  A streamed dataset's uint8 batches are normalized inside both steps.
+  """
   data = NamedSharding(mesh, P(DATA_AXIS))
-  augment_fn = None
-  if c.augment:
-    augment_fn = functools.partial(
-        input_pipeline.augment, translate=c.translate_pixels,
-        flip=input_pipeline.flip_allowed(c))
+  normalize_fn = input_pipeline.device_normalize_fn(c)
   train_fn = jax.jit(
-      functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                        augment_fn=augment_fn, plateau=c.schedule == 'plateau'),
+      _normalize_first(functools.partial(
+          train_step, model=model, tx=tx, schedule=schedule,
+          augment_fn=input_pipeline.device_augment_fn(c),
+          plateau=c.schedule == 'plateau'), normalize_fn),
       in_shardings=(state_sharding, data, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
-  eval_fn = jax.jit(functools.partial(eval_step, model=model),
-                    in_shardings=(state_sharding, data, data, data),
-                    out_shardings=NamedSharding(mesh, P()))
+  eval_fn = jax.jit(
+      _normalize_first(functools.partial(eval_step, model=model),
+                       normalize_fn),
+      in_shardings=(state_sharding, data, data, data),
+      out_shardings=NamedSharding(mesh, P()))
   return train_fn, eval_fn
+
+
+def _normalize_first(step_fn: Callable,
+                     normalize_fn: Optional[Callable]) -> Callable:
+  """`step_fn(state, images, ...)` fed `normalize_fn(images)` (if any)."""
+  if normalize_fn is None:
+    return step_fn
+  return lambda state, images, *rest: step_fn(state, normalize_fn(images),
+                                               *rest)
 
 
 def num_train_steps(c: ml_collections.ConfigDict, num_examples: int) -> int:
@@ -494,6 +511,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
         eval_metrics = run_eval(step)
         checkpoint(step)
   finally:
+    batches.close()  # Stops a streamed split's decoding threads.
     manager.wait_until_finished()
     manager.close()
     writer.close()

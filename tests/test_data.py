@@ -134,8 +134,8 @@ def test_tfrecord_copy_is_refused(tmp_path):
     tfds_source.load_arrays('mnist', str(tmp_path))
 
 
-def test_imagenet_and_misplaced_extra_are_refused(tmp_path):
-  with pytest.raises(DataError, match='imagenet2012 is not supported yet'):
+def test_imagenet_in_memory_and_misplaced_extra_are_refused(tmp_path):
+  with pytest.raises(DataError, match='imagenet2012 does not fit in host'):
     input_pipeline.load_raw(tfds_config('imagenet2012', tmp_path))
   c = config_lib.default_config()
   c.dataset, c.use_extra_split = 'sklearn:digits', True
