@@ -68,6 +68,9 @@ def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
 def parse_args(argv: list[str]) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='cifar10', choices=PRESETS)
+  parser.add_argument('--variant', default='',
+                      help="the config file's variant, e.g. 'faithful' for "
+                      "configs/cifar10.py:faithful (no BatchNorm)")
   parser.add_argument('--batch-size', type=int, default=0,
                       help='global train batch (default: the config\'s)')
   parser.add_argument('--eval-batch-size', type=int, default=0,
@@ -102,7 +105,9 @@ def load_config(args: argparse.Namespace):
   """The preset's config file with the benchmark's batch sizes and dtype."""
   from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
   configs = REPO / 'configs'
-  c = config_lib.sibling_config(str(configs / 'x.py'), f'{args.preset}.py')
+  variant = (args.variant,) if args.variant else ()
+  c = config_lib.sibling_config(str(configs / 'x.py'), f'{args.preset}.py',
+                                *variant)
   c.batch_size = args.batch_size or c.batch_size
   c.eval_batch_size = args.eval_batch_size or c.batch_size
   c.dtype = args.dtype or c.dtype
@@ -259,7 +264,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
           else None)
   peak = peak * len(jax.devices()) if peak else None
   result = {
-      'preset': c.preset, 'batch_size': c.batch_size,
+      'preset': c.preset, 'variant': args.variant or 'default',
+      'batch_norm': bool(c.model.batch_norm), 'batch_size': c.batch_size,
       'eval_batch_size': c.eval_batch_size, 'dtype': c.dtype,
       'backend': jax.default_backend(), 'device_kind': device.device_kind,
       'devices': len(jax.devices()), 'auto_cpu_devices': auto_devices,
@@ -320,7 +326,9 @@ def ratios(result: dict[str, Any]) -> dict[str, float]:
 
 def print_table(result: dict[str, Any]) -> None:
   """The human-readable report."""
-  print(f"{result['preset']}, batch {result['batch_size']} (eval "
+  print(f"{result['preset']} ({result['variant']}, BatchNorm "
+        f"{'on' if result['batch_norm'] else 'off'}), batch "
+        f"{result['batch_size']} (eval "
         f"{result['eval_batch_size']}), {result['dtype']}, "
         f"{result['devices']} {result['backend']} device(s) "
         f"({result['device_kind']}); {result['steps']} steps x "
