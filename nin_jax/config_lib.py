@@ -93,6 +93,11 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
+def tfds_base_name(name: str) -> str:
+  """'svhn_cropped:3.1.0' or 'name/config' -> the registered dataset name."""
+  return name.split('/')[0].split(':')[0]
+
+
 def parse_dataset(dataset: str) -> tuple[str, str]:
   """'npz:PATH' -> ('npz', 'PATH'); raises ConfigError naming `dataset`."""
   kind, sep, name = dataset.partition(':')
@@ -103,7 +108,7 @@ def parse_dataset(dataset: str) -> tuple[str, str]:
   if kind == 'sklearn' and name not in SKLEARN_DATASETS:
     raise ConfigError(f'config.dataset={dataset!r}: the embedded datasets are '
                       f'{["sklearn:" + n for n in SKLEARN_DATASETS]}.')
-  if kind == 'tfds' and name.split('/')[0].split(':')[0] not in TFDS_DATASETS:
+  if kind == 'tfds' and tfds_base_name(name) not in TFDS_DATASETS:
     raise ConfigError(f'config.dataset={dataset!r}: supported TFDS datasets '
                       f'are {TFDS_DATASETS}.')
   return kind, name
@@ -112,7 +117,7 @@ def parse_dataset(dataset: str) -> tuple[str, str]:
 def is_streamed(dataset: str) -> bool:
   """True for a dataset decoded batch by batch ('tfds:imagenet2012')."""
   kind, _, name = dataset.partition(':')
-  return kind == 'tfds' and name.split('/')[0].split(':')[0] in STREAMED_TFDS
+  return kind == 'tfds' and tfds_base_name(name) in STREAMED_TFDS
 
 
 def streamed_image_size(c: ml_collections.ConfigDict) -> int:

@@ -44,11 +44,6 @@ class Arrays:
   labels: np.ndarray
 
 
-def base_name(name: str) -> str:
-  """'svhn_cropped:3.1.0' or 'name/config' -> the registered dataset name."""
-  return name.split('/')[0].split(':')[0]
-
-
 def _import_tfds():
   try:
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -133,13 +128,14 @@ def read_split(source, name: str, split: str) -> Arrays:
 
 def split_names(name: str, with_extra: bool = False) -> list[str]:
   """The splits read: 'train', the evaluation split, 'extra' if `with_extra`."""
-  splits = ['train', EVAL_SPLITS.get(base_name(name), 'test')]
+  base = config_lib.tfds_base_name(name)
+  splits = ['train', EVAL_SPLITS.get(base, 'test')]
   if with_extra:
-    if base_name(name) not in EXTRA_SPLITS:
+    if base not in EXTRA_SPLITS:
       raise DataError(
           f'config.use_extra_split=True but tfds:{name} has no extra split; '
           f'only {sorted(EXTRA_SPLITS)} has one. Set it to False.')
-    splits.append(EXTRA_SPLITS[base_name(name)])
+    splits.append(EXTRA_SPLITS[base])
   return splits
 
 
@@ -156,7 +152,7 @@ def _check_splits(builder, name: str, splits: Sequence[str]) -> None:
 def load_arrays(name: str, data_dir: Optional[str] = None,
                 with_extra: bool = False) -> dict[str, Arrays]:
   """Reads splits 'train', 'test' (and 'extra' if `with_extra`) into memory."""
-  if base_name(name) in config_lib.STREAMED_TFDS:
+  if config_lib.tfds_base_name(name) in config_lib.STREAMED_TFDS:
     raise DataError(
         f'config.dataset=tfds:{name} does not fit in host memory: it is '
         f'streamed batch by batch (input_pipeline.load_dataset), never read '
