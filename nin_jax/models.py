@@ -60,25 +60,35 @@ def pooled_size(size: int, window: int, stride: int) -> int:
 def max_pool_ceil(x: Array, window: int, stride: int) -> Array:
   """Caffe/cuda-convnet ceil-mode max pooling of `x` [batch, height, width, channels].
 
-  Written as a maximum over the window's strided slices instead of
-  `lax.reduce_window`: the forward result is identical, and the backward pass is
-  a chain of selects rather than XLA's select-and-scatter, which is several
-  times slower on CPU.
+  A square max is separable, so it is taken along the width and then along the
+  height, each as a maximum over the window's strided slices. The forward
+  result is identical to `lax.reduce_window`; the backward pass is two short
+  chains of selects instead of XLA's select-and-scatter (several times slower
+  on CPU) or one chain over all window**2 slices (about 100 ms per CIFAR-10
+  train step slower). Gradients agree wherever the window maximum is unique.
   """
   _, h, w, _ = x.shape
   out_h, pad_h = _ceil_mode_padding(h, window, stride)
   out_w, pad_w = _ceil_mode_padding(w, window, stride)
   x = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)),
               constant_values=-jnp.inf)
+  return _max_along(_max_along(x, 2, out_w, window, stride), 1, out_h, window,
+                    stride)
+
+
+def _max_along(x: Array, axis: int, out: int, window: int,
+               stride: int) -> Array:
+  """1-D max pooling of `x` along `axis` (already padded) to `out` positions."""
   result = None
-  for dy in range(window):
-    for dx in range(window):
-      piece = jax.lax.slice(
-          x, (0, dy, dx, 0),
-          (x.shape[0], dy + (out_h - 1) * stride + 1,
-           dx + (out_w - 1) * stride + 1, x.shape[3]),
-          (1, stride, stride, 1))
-      result = piece if result is None else jnp.maximum(result, piece)
+  for offset in range(window):
+    start = [0] * x.ndim
+    start[axis] = offset
+    limit = list(x.shape)
+    limit[axis] = offset + (out - 1) * stride + 1
+    strides = [1] * x.ndim
+    strides[axis] = stride
+    piece = jax.lax.slice(x, start, limit, strides)
+    result = piece if result is None else jnp.maximum(result, piece)
   return result
 
 
@@ -99,6 +109,50 @@ def avg_pool_ceil(x: Array, window: int, stride: int) -> Array:
 def global_average_pool(x: Array) -> Array:
   """[batch, height, width, channels] -> [batch, channels], mean over space."""
   return jnp.mean(x, axis=(1, 2))
+
+
+def bernoulli_mask(key: jax.Array, keep_prob: float,
+                   shape: Sequence[int]) -> Array:
+  """Boolean mask of `shape`, each entry True with probability `keep_prob`.
+
+  When `keep_prob` is a multiple of 2**-bits for bits <= 8 (0.5 needs one bit)
+  each entry spends only `bits` random bits, packed 32 // bits to a uint32
+  along the last axis, instead of the 32 of `jax.random.bernoulli`: the mask
+  has exactly the same distribution and is cheaper to draw (threefry dominates
+  dropout on CPU). Other probabilities fall back to `jax.random.bernoulli`.
+  """
+  shape = tuple(shape)
+  bits = next((b for b in (1, 2, 4, 8)
+               if float(keep_prob * 2**b).is_integer()), None)
+  if bits is None or not shape:
+    return jax.random.bernoulli(key, keep_prob, shape)
+  per_word = 32 // bits
+  words = -(-shape[-1] // per_word)
+  random = jax.random.bits(key, (*shape[:-1], words), jnp.uint32)
+  shifts = jnp.arange(per_word, dtype=jnp.uint32) * bits
+  values = (random[..., None] >> shifts) & jnp.uint32(2**bits - 1)
+  values = values.reshape(*shape[:-1], words * per_word)[..., :shape[-1]]
+  return values < jnp.uint32(round(keep_prob * 2**bits))
+
+
+class Dropout(nn.Module):
+  """Inverted dropout (as `nn.Dropout`) drawing its mask with `bernoulli_mask`.
+
+  Zeroes each entry with probability `rate` and scales the rest by
+  1 / (1 - rate) when not `deterministic`; needs a 'dropout' RNG then.
+  """
+  rate: float
+  deterministic: bool = False
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    if self.deterministic or self.rate == 0.0:
+      return x
+    if self.rate == 1.0:
+      return jnp.zeros_like(x)
+    keep_prob = 1.0 - self.rate
+    mask = bernoulli_mask(self.make_rng('dropout'), keep_prob, x.shape)
+    return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
 
 
 class Conv1x1(nn.Module):
@@ -234,13 +288,13 @@ class NiN(nn.Module):
         raise ValueError(f'BlockSpec.pool must be one of {POOLS}, got '
                          f'{block.pool!r}.')
       if block.dropout and self.dropout_rate > 0:
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
     if self.head == 'gap':
       logits = global_average_pool(x)
     else:
       x = x.reshape((x.shape[0], -1))
       if self.head_dropout_rate > 0:
-        x = nn.Dropout(self.head_dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.head_dropout_rate, deterministic=not train)(x)
       logits = nn.Dense(self.num_classes, kernel_init=kernel_init,
                         dtype=self.dtype, param_dtype=self.param_dtype,
                         name='fc')(x)

@@ -98,12 +98,19 @@ def test_pools_match_caffe(size):
                              caffe_pool(x, 3, 2, 'avg'), rtol=1e-5, atol=1e-6)
 
 
-def test_max_pool_gradient_matches_reduce_window():
-  x = jax.random.normal(jax.random.key(1), (2, 16, 16, 4))
-  reference = lambda x: nn.max_pool(x, (3, 3), (2, 2), padding=((0, 2),
-                                                                  (0, 2)))
-  np.testing.assert_allclose(models.max_pool_ceil(x, 3, 2), reference(x))
-  g_fast = jax.grad(lambda x: jnp.sum(models.max_pool_ceil(x, 3, 2) ** 2))(x)
+@pytest.mark.parametrize('size', [16, 13, 7])
+@pytest.mark.parametrize('relu_first', [False, True])
+def test_max_pool_gradient_matches_reduce_window(size, relu_first):
+  # After a ReLU many windows tie at 0; the ReLU's zero gradient there makes
+  # the routing of tied gradients irrelevant, as in the network.
+  x = jax.random.normal(jax.random.key(size), (2, size, size, 4))
+  pad = models._ceil_mode_padding(size, 3, 2)[1]
+  first = jax.nn.relu if relu_first else (lambda x: x)
+  reference = lambda x: nn.max_pool(first(x), (3, 3), (2, 2),
+                                    padding=((0, pad), (0, pad)))
+  fast = lambda x: models.max_pool_ceil(first(x), 3, 2)
+  np.testing.assert_allclose(fast(x), reference(x))
+  g_fast = jax.grad(lambda x: jnp.sum(fast(x) ** 2))(x)
   g_ref = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x)
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
 
@@ -222,3 +229,18 @@ def test_usable_from_nnx_through_bridge():
   assert logits.shape == (2, 10)
   params = nnx.state(model, nnx.Param)
   assert count(params) == EXPECTED_PARAMS['quickstart']
+
+
+def test_bernoulli_mask_rates_and_dropout_scaling():
+  for keep in (0.5, 0.75, 0.3):
+    mask = models.bernoulli_mask(jax.random.key(0), keep, (64, 8, 8, 37))
+    assert mask.shape == (64, 8, 8, 37) and mask.dtype == jnp.bool_
+    assert abs(float(mask.mean()) - keep) < 0.01
+  # Packed bits are independent: neighbours in a word agree half the time.
+  mask = np.asarray(models.bernoulli_mask(jax.random.key(1), 0.5, (512, 64)))
+  assert abs(np.mean(mask[:, :-1] == mask[:, 1:]) - 0.5) < 0.01
+  x = jnp.ones((16, 64))
+  y = models.Dropout(0.5).apply({}, x, rngs={'dropout': jax.random.key(2)})
+  assert set(np.unique(np.asarray(y))) == {0.0, 2.0}
+  np.testing.assert_array_equal(models.Dropout(0.5, deterministic=True).apply(
+      {}, x), x)
