@@ -78,6 +78,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
   parser.add_argument('--dtype', default='', choices=('', 'float32',
                                                       'bfloat16'),
                       help='compute dtype (default: the config\'s)')
+  parser.add_argument('--conv-impl', default='',
+                      choices=('', 'auto', 'xla', 'onednn'),
+                      help="nin-jax's convolutions (default: the config's, "
+                      "'auto': oneDNN on CPU)")
   parser.add_argument('--steps', type=int, default=10,
                       help='timed steps per round and variant')
   parser.add_argument('--rounds', type=int, default=3,
@@ -111,6 +115,7 @@ def load_config(args: argparse.Namespace):
   c.batch_size = args.batch_size or c.batch_size
   c.eval_batch_size = args.eval_batch_size or c.batch_size
   c.dtype = args.dtype or c.dtype
+  c.model.conv_impl = args.conv_impl or c.model.conv_impl
   return c
 
 
@@ -195,6 +200,14 @@ def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
   return times
 
 
+def conv_impl(c) -> str:
+  """Which library runs nin-jax's float32 convolutions in this process."""
+  from nin_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  uses = (c.model.conv_impl != 'xla' and jax.default_backend() == 'cpu'
+          and c.dtype == 'float32' and cpu_kernels.available())
+  return 'onednn' if uses else 'xla'
+
+
 def torch_variants(choice: str) -> tuple[list[str], Optional[str]]:
   """The torch variants to run and, if torch is missing, why none run."""
   if choice == 'none':
@@ -269,6 +282,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       'eval_batch_size': c.eval_batch_size, 'dtype': c.dtype,
       'backend': jax.default_backend(), 'device_kind': device.device_kind,
       'devices': len(jax.devices()), 'auto_cpu_devices': auto_devices,
+      'conv_impl': conv_impl(c),
       'compile_seconds': jax_runner.compile_seconds,
       'train_images_per_sec': train_ips, 'eval_images_per_sec': eval_ips,
       'train_step_ms': 1e3 * statistics.median(times['jax'][0]),
@@ -331,10 +345,12 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['batch_size']} (eval "
         f"{result['eval_batch_size']}), {result['dtype']}, "
         f"{result['devices']} {result['backend']} device(s) "
-        f"({result['device_kind']}); {result['steps']} steps x "
+        f"({result['device_kind']}), {result['conv_impl']} convolutions; "
+        f"{result['steps']} steps x "
         f"{result['rounds']} rounds, median")
   print(f"forward {result['forward_gflop_per_image']:.3f} GFLOP/image "
-        f"(XLA counts {result['xla_forward_gflop_per_image'] or 0:.3f}); "
+        f"(XLA counts {result['xla_forward_gflop_per_image'] or 0:.3f}"
+        f"{', without the oneDNN calls' if result['conv_impl'] == 'onednn' else ''}); "
         f"first train step compiles in {result['compile_seconds']:.1f} s")
   header = (f"{'variant':<30} {'train img/s':>11} {'eval img/s':>10} "
             f"{'train GFLOP/s':>13} {'MFU':>6}")

@@ -13,6 +13,7 @@ from typing import Optional
 
 import ml_collections
 
+from nin_jax import cpu_kernels
 from nin_jax import models
 
 SCHEDULES = ('constant', 'step', 'plateau', 'cosine', 'one_cycle')
@@ -61,6 +62,9 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.batch_norm = False
   c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
   c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
+  # k x k convolutions: 'auto' (oneDNN on the CPU backend, see
+  # nin_jax/cpu_kernels.py; XLA elsewhere), 'xla' or 'onednn'.
+  c.model.conv_impl = 'auto'
   c.dtype = 'float32'             # Compute dtype; params stay float32.
   # CPU-only runs: split each batch over at most this many virtual CPU devices
   # (0 = automatic, up to 8; 1 = off). See README "Speed".
@@ -147,6 +151,9 @@ def validate_config(c: ml_collections.ConfigDict,
          c.model.weight_init, f'must be one of {models.INITS}')
   _check(c.model.second_pool in ('', 'max', 'avg'), 'model.second_pool',
          c.model.second_pool, "must be '', 'max' or 'avg'")
+  _check(c.model.get('conv_impl', 'xla') in cpu_kernels.IMPLS,
+         'model.conv_impl', c.model.get('conv_impl'),
+         f'must be one of {cpu_kernels.IMPLS}')
   for field in ('dropout_rate', 'head_dropout_rate'):
     rate = c.model[field]
     _check(0.0 <= rate < 1.0, f'model.{field}', rate, 'must be in [0, 1)')

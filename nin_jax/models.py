@@ -13,12 +13,15 @@ builds one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from nin_jax import cpu_kernels
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -155,15 +158,97 @@ class Dropout(nn.Module):
     return jnp.where(mask, x / keep_prob, jnp.zeros_like(x))
 
 
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def batch_norm_train(x: Array, scale: Array, bias: Array,
+                     epsilon: float) -> tuple[Array, Array, Array]:
+  """Training-mode batch norm over all axes but the last: (y, mean, var).
+
+  x [..., features]; y = (x - mean) * scale / sqrt(var + epsilon) + bias with
+  the batch's biased variance, computed in float32 as `nn.BatchNorm` does.
+  The backward pass is the closed-form BN gradient (one reduction pass, one
+  elementwise pass), about twice as fast on CPU as autodiff of the forward.
+  `mean` and `var` are meant for running averages: their cotangents are
+  ignored.
+  """
+  return _batch_norm_forward(x, scale, bias, epsilon)[0]
+
+
+def _batch_norm_forward(x, scale, bias, epsilon):
+  axes = tuple(range(x.ndim - 1))
+  x32 = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  mean = jnp.mean(x32, axes)
+  var = jnp.maximum(jnp.mean(jnp.square(x32), axes) - jnp.square(mean), 0.)
+  rstd = jax.lax.rsqrt(var + epsilon)
+  y = (x32 - mean) * (rstd * scale) + bias
+  return (y, mean, var), (x, mean, rstd, scale)
+
+
+def _batch_norm_backward(epsilon, residuals, cotangents):
+  del epsilon
+  x, mean, rstd, scale = residuals
+  dy = cotangents[0].astype(mean.dtype)
+  axes = tuple(range(x.ndim - 1))
+  count = math.prod(x.shape[:-1])
+  xhat = (x.astype(mean.dtype) - mean) * rstd
+  dbias = jnp.sum(dy, axes)
+  dscale = jnp.sum(dy * xhat, axes)
+  dx = (rstd * scale) * (dy - dbias / count - xhat * (dscale / count))
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias
+
+
+batch_norm_train.defvjp(_batch_norm_forward, _batch_norm_backward)
+
+
+class BatchNorm(nn.Module):
+  """`nn.BatchNorm` over the last axis with a hand-written backward pass.
+
+  Same variables ('params': scale, bias; 'batch_stats': mean, var), defaults
+  and results as `nn.BatchNorm(use_running_average=not train)`, so checkpoints
+  move between the two; no `axis_name` (under jit the batch mean is already
+  global across devices).
+  """
+  momentum: float = 0.99
+  epsilon: float = 1e-5
+  dtype: Optional[Any] = None
+  param_dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array, train: bool = False) -> Array:
+    features = (x.shape[-1],)
+    scale = self.param('scale', nn.initializers.ones, features,
+                       self.param_dtype)
+    bias = self.param('bias', nn.initializers.zeros, features,
+                      self.param_dtype)
+    ra_mean = self.variable('batch_stats', 'mean', jnp.zeros, features,
+                            jnp.float32)
+    ra_var = self.variable('batch_stats', 'var', jnp.ones, features,
+                           jnp.float32)
+    if train:
+      y, mean, var = batch_norm_train(x, scale, bias, self.epsilon)
+      if not self.is_initializing():
+        ra_mean.value = (self.momentum * ra_mean.value
+                         + (1 - self.momentum) * jax.lax.stop_gradient(mean))
+        ra_var.value = (self.momentum * ra_var.value
+                        + (1 - self.momentum) * jax.lax.stop_gradient(var))
+    else:
+      mul = jax.lax.rsqrt(ra_var.value + self.epsilon) * scale
+      y = (x.astype(jnp.promote_types(x.dtype, jnp.float32)) - ra_mean.value
+           ) * mul + bias
+    dtype = self.dtype or jnp.result_type(x, scale, bias)
+    return y.astype(dtype)
+
+
 class Conv1x1(nn.Module):
   """A 1 x 1 convolution computed as a matrix product over channels.
 
   The kernel keeps the [1, 1, in, out] shape of `nn.Conv` so checkpoints and
   parameter counts are those of the reference model; the dot is 3x faster than
-  XLA's 1 x 1 convolution on CPU.
+  XLA's 1 x 1 convolution on CPU, and oneDNN's (`conv_impl`, see `MlpConv`)
+  faster still.
   """
   features: int
   use_bias: bool = True
+  conv_impl: str = 'xla'
   kernel_init: Initializer = nn.initializers.normal(stddev=FAITHFUL_STDDEV)
   bias_init: Initializer = nn.initializers.zeros_init()
   dtype: Optional[Any] = None
@@ -174,7 +259,10 @@ class Conv1x1(nn.Module):
     kernel = self.param('kernel', self.kernel_init,
                         (1, 1, x.shape[-1], self.features), self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
+    if cpu_kernels.use_onednn(x, kernel, self.conv_impl):
+      y = cpu_kernels.onednn_conv(x, kernel, 0)
+    else:
+      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
     if self.use_bias:
       bias = self.param('bias', self.bias_init, (self.features,),
                         self.param_dtype)
@@ -188,6 +276,9 @@ class MlpConv(nn.Module):
   Maps [batch, height, width, in_channels] to
   [batch, out_height, out_width, features[-1]]. `features[0]` is the width of
   the k x k convolution, the rest are the widths of the 1 x 1 layers.
+  `conv_impl`: 'xla', or 'auto'/'onednn' to run the float32 stride-1
+  convolutions with oneDNN on the CPU backend (`cpu_kernels`; same results
+  to float tolerance, about 20% faster training on a 2-core CPU).
   """
   features: Sequence[int]
   kernel_size: int = 3
@@ -197,6 +288,7 @@ class MlpConv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   batch_norm: bool = False
   final_relu: bool = True
+  conv_impl: str = 'xla'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -212,19 +304,31 @@ class MlpConv(nn.Module):
                     use_bias=not self.batch_norm,
                     kernel_init=self.kernel_init, bias_init=self.bias_init,
                     dtype=self.dtype, param_dtype=self.param_dtype,
+                    conv_general_dilated=_conv_fn(self.conv_impl),
                     name='conv')(x)
       else:
         x = Conv1x1(width, use_bias=not self.batch_norm,
+                    conv_impl=self.conv_impl,
                     kernel_init=self.kernel_init, bias_init=self.bias_init,
                     dtype=self.dtype, param_dtype=self.param_dtype,
                     name=f'cccp{i}')(x)
       if self.batch_norm:
-        x = nn.BatchNorm(use_running_average=not train, momentum=0.9,
-                         epsilon=1e-5, dtype=self.dtype,
-                         param_dtype=self.param_dtype, name=f'bn{i}')(x)
+        x = BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype,
+                      param_dtype=self.param_dtype, name=f'bn{i}')(
+                          x, train=train)
       if i < len(self.features) - 1 or self.final_relu:
         x = nn.relu(x)
     return x
+
+
+def _conv_fn(impl: str) -> Callable[..., Array]:
+  """The convolution `nn.Conv` calls: XLA's, or oneDNN's on CPU (cpu_kernels)."""
+  if impl == 'xla':
+    return jax.lax.conv_general_dilated
+  if impl not in cpu_kernels.IMPLS:
+    raise ValueError(f'conv_impl must be one of {cpu_kernels.IMPLS}, got '
+                     f'{impl!r}.')
+  return functools.partial(cpu_kernels.conv_general_dilated, impl=impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,6 +366,7 @@ class NiN(nn.Module):
   weight_init: str = 'faithful'
   batch_norm: bool = False
   final_relu: bool = True
+  conv_impl: str = 'xla'
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -277,7 +382,8 @@ class NiN(nn.Module):
       features = tuple(block.features) + ((self.num_classes,) if last else ())
       x = MlpConv(features, block.kernel_size, block.stride, block.padding,
                   kernel_init=kernel_init, batch_norm=self.batch_norm,
-                  final_relu=self.final_relu or not last, dtype=self.dtype,
+                  final_relu=self.final_relu or not last,
+                  conv_impl=self.conv_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f'mlpconv{i + 1}')(
                       x, train=train)
       if block.pool == 'max':

@@ -38,6 +38,8 @@ DATA_AXIS = 'data'
 # Fields that define the architecture: a checkpoint only fits a config that
 # agrees on all of them.
 ARCHITECTURE_FIELDS = ('preset', 'model')
+# Model fields that change how, not what, is computed: free to differ on resume.
+IMPLEMENTATION_FIELDS = ('conv_impl',)
 
 
 class NonFiniteError(FloatingPointError):
@@ -71,6 +73,7 @@ def build_model(c: ml_collections.ConfigDict) -> models.NiN:
       weight_init=c.model.weight_init,
       batch_norm=c.model.batch_norm,
       final_relu=c.model.final_relu,
+      conv_impl=c.model.conv_impl,
       dtype=None if c.dtype == 'float32' else jnp.dtype(c.dtype))
 
 
@@ -194,19 +197,29 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
   data = NamedSharding(mesh, P(DATA_AXIS))
   normalize_fn = input_pipeline.device_normalize_fn(c)
   train_fn = jax.jit(
-      _normalize_first(functools.partial(
+      _under_mesh(mesh, _normalize_first(functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
           augment_fn=input_pipeline.device_augment_fn(c),
-          plateau=c.schedule == 'plateau'), normalize_fn),
+          plateau=c.schedule == 'plateau'), normalize_fn)),
       in_shardings=(state_sharding, data, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
   eval_fn = jax.jit(
-      _normalize_first(functools.partial(eval_step, model=model),
-                       normalize_fn),
+      _under_mesh(mesh, _normalize_first(
+          functools.partial(eval_step, model=model), normalize_fn)),
       in_shardings=(state_sharding, data, data, data),
       out_shardings=NamedSharding(mesh, P()))
   return train_fn, eval_fn
+
+
+def _under_mesh(mesh: Mesh, step_fn: Callable) -> Callable:
+  """`step_fn` traced with `mesh` as the abstract mesh, so per-device kernels
+  (cpu_kernels) know how the batch is split."""
+  @functools.wraps(step_fn)
+  def wrapped(*args, **kwargs):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return step_fn(*args, **kwargs)
+  return wrapped
 
 
 def _normalize_first(step_fn: Callable,
@@ -236,6 +249,9 @@ def check_resume_compatible(c: ml_collections.ConfigDict, workdir: str
     return
   saved = json.loads(saved_path.read_text())
   current = json.loads(c.to_json())
+  for config in (saved, current):
+    for field in IMPLEMENTATION_FIELDS:
+      config.get('model', {}).pop(field, None)
   for field in ARCHITECTURE_FIELDS:
     if saved.get(field) != current.get(field):
       raise config_lib.ConfigError(

@@ -1,0 +1,255 @@
+// oneDNN convolutions for XLA's CPU backend, called through the XLA FFI.
+//
+// Three handlers (forward, input gradient, weight gradient) of a stride-1
+// convolution with symmetric zero padding; x is [N, H, W, C] and w is
+// [KH, KW, C, O], the layouts of flax's nn.Conv. nin_jax/cpu_kernels.py builds
+// this file on first use and wraps the handlers in a custom VJP.
+#include <cstdint>
+#include <exception>
+#include <string>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <tuple>
+#include <unordered_map>
+#include <vector>
+#include <omp.h>
+#include <oneapi/dnnl/dnnl.hpp>
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+using tag = memory::format_tag;
+using dt = memory::data_type;
+
+namespace {
+
+struct Key {
+  int64_t n, h, w, ci, co, kh, kw, pad;
+  bool operator<(const Key& o) const {
+    return std::tie(n, h, w, ci, co, kh, kw, pad) <
+           std::tie(o.n, o.h, o.w, o.ci, o.co, o.kh, o.kw, o.pad);
+  }
+};
+
+dnnl::engine& Engine() {
+  static dnnl::engine eng(dnnl::engine::kind::cpu, 0);
+  return eng;
+}
+
+struct Conv {
+  memory::desc src, dst, wei_user;
+  dnnl::convolution_forward::primitive_desc fwd_pd;
+  dnnl::convolution_backward_data::primitive_desc bwd_data_pd;
+  dnnl::convolution_backward_weights::primitive_desc bwd_wei_pd;
+  dnnl::convolution_forward fwd;
+  dnnl::convolution_backward_data bwd_data;
+  dnnl::convolution_backward_weights bwd_wei;
+  dnnl::reorder to_fwd_wei, to_bwd_wei, from_diff_wei;
+
+  explicit Conv(const Key& k) {
+    auto& eng = Engine();
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    memory::dims strides = {1, 1}, pad = {k.pad, k.pad};
+    int64_t oh = k.h + 2 * k.pad - k.kh + 1, ow = k.w + 2 * k.pad - k.kw + 1;
+    src = memory::desc({k.n, k.ci, k.h, k.w}, dt::f32, tag::nhwc);
+    dst = memory::desc({k.n, k.co, oh, ow}, dt::f32, tag::nhwc);
+    memory::dims wd = {k.co, k.ci, k.kh, k.kw};
+    wei_user = memory::desc(wd, dt::f32, tag::hwio);
+    memory::desc wei_any(wd, dt::f32, tag::any);
+    auto algo = dnnl::algorithm::convolution_direct;
+    fwd_pd = dnnl::convolution_forward::primitive_desc(
+        eng, dnnl::prop_kind::forward_training, algo, src, wei_any, dst,
+        strides, pad, pad, attr);
+    bwd_data_pd = dnnl::convolution_backward_data::primitive_desc(
+        eng, algo, src, wei_any, dst, strides, pad, pad, fwd_pd, attr);
+    bwd_wei_pd = dnnl::convolution_backward_weights::primitive_desc(
+        eng, algo, src, wei_any, dst, strides, pad, pad, fwd_pd, attr);
+    fwd = dnnl::convolution_forward(fwd_pd);
+    bwd_data = dnnl::convolution_backward_data(bwd_data_pd);
+    bwd_wei = dnnl::convolution_backward_weights(bwd_wei_pd);
+    dnnl::primitive_attr rattr;
+    rattr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    to_fwd_wei = dnnl::reorder(dnnl::reorder::primitive_desc(
+        eng, wei_user, eng, fwd_pd.weights_desc(), rattr));
+    to_bwd_wei = dnnl::reorder(dnnl::reorder::primitive_desc(
+        eng, wei_user, eng, bwd_data_pd.weights_desc(), rattr));
+    from_diff_wei = dnnl::reorder(dnnl::reorder::primitive_desc(
+        eng, bwd_wei_pd.diff_weights_desc(), eng, wei_user, rattr));
+  }
+};
+
+// Primitives are built once per shape and shared; execution is thread safe
+// because every call brings its own scratchpad.
+Conv& GetConv(const Key& k) {
+  static std::mutex mu;
+  static std::map<Key, std::unique_ptr<Conv>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto& slot = cache[k];
+  if (!slot) slot = std::make_unique<Conv>(k);
+  return *slot;
+}
+
+struct Scratch {
+  std::vector<uint8_t> pad, weights;
+  uint8_t* Pad(size_t n) { if (pad.size() < n) pad.resize(n); return pad.data(); }
+  uint8_t* Weights(size_t n) { if (weights.size() < n) weights.resize(n); return weights.data(); }
+};
+
+Scratch& ThreadScratch() {
+  thread_local Scratch s;
+  return s;
+}
+
+dnnl::memory ScratchMem(const dnnl::memory::desc& md, uint8_t* p) {
+  return dnnl::memory(md, Engine(), p);
+}
+
+template <typename PD>
+void Run(const dnnl::primitive& prim, const PD& pd,
+         std::unordered_map<int, dnnl::memory> args, uint8_t* scratch) {
+  args.insert({DNNL_ARG_SCRATCHPAD, ScratchMem(pd.scratchpad_desc(), scratch)});
+  dnnl::stream s(Engine());
+  prim.execute(s, args);
+  s.wait();
+}
+
+void Reorder(const dnnl::reorder& r, dnnl::memory& from, dnnl::memory& to) {
+  dnnl::stream s(Engine());
+  r.execute(s, {{DNNL_ARG_FROM, from}, {DNNL_ARG_TO, to}});
+  s.wait();
+}
+
+Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, int64_t pad) {
+  return Key{x[0], x[1], x[2], x[3], w[3], w[0], w[1], pad};
+}
+
+ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w) {
+  if (x.size() != 4 || w.size() != 4 || x[3] != w[2])
+    return ffi::Error::InvalidArgument(
+        "nin_conv: expected x [N, H, W, C] and w [KH, KW, C, O]");
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// y = conv(x, w), stride 1, symmetric zero padding `pad`; NHWC / HWIO.
+static ffi::Error ConvForwardUnsafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t pad,
+                              int64_t threads) {
+  if (auto e = CheckShapes(x.dimensions(), w.dimensions()); e.failure()) return e;
+  omp_set_num_threads(static_cast<int>(threads));
+  Conv& c = GetConv(MakeKey(x.dimensions(), w.dimensions(), pad));
+  auto& s = ThreadScratch();
+  auto& eng = Engine();
+  dnnl::memory wu(c.wei_user, eng, w.typed_data());
+  auto wmd = c.fwd_pd.weights_desc();
+  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
+  Reorder(c.to_fwd_wei, wu, wb);
+  Run(c.fwd, c.fwd_pd,
+      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.typed_data())},
+       {DNNL_ARG_WEIGHTS, wb},
+       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, y->typed_data())}},
+      s.Pad(c.fwd_pd.scratchpad_desc().get_size()));
+  return ffi::Error::Success();
+}
+
+// dx = the input gradient of conv(x, w) for output gradient dy.
+static ffi::Error ConvBackwardDataUnsafe(ffi::Buffer<ffi::F32> dy,
+                                   ffi::Buffer<ffi::F32> w,
+                                   ffi::ResultBuffer<ffi::F32> dx, int64_t pad,
+                                   int64_t threads) {
+  auto xd = dx->dimensions();
+  if (auto e = CheckShapes(xd, w.dimensions()); e.failure()) return e;
+  omp_set_num_threads(static_cast<int>(threads));
+  Conv& c = GetConv(MakeKey(xd, w.dimensions(), pad));
+  auto& s = ThreadScratch();
+  auto& eng = Engine();
+  dnnl::memory wu(c.wei_user, eng, w.typed_data());
+  auto wmd = c.bwd_data_pd.weights_desc();
+  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
+  Reorder(c.to_bwd_wei, wu, wb);
+  Run(c.bwd_data, c.bwd_data_pd,
+      {{DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.typed_data())},
+       {DNNL_ARG_WEIGHTS, wb},
+       {DNNL_ARG_DIFF_SRC, dnnl::memory(c.src, eng, dx->typed_data())}},
+      s.Pad(c.bwd_data_pd.scratchpad_desc().get_size()));
+  return ffi::Error::Success();
+}
+
+// dw = the weight gradient of conv(x, w) for output gradient dy.
+static ffi::Error ConvBackwardWeightsUnsafe(ffi::Buffer<ffi::F32> x,
+                                      ffi::Buffer<ffi::F32> dy,
+                                      ffi::ResultBuffer<ffi::F32> dw,
+                                      int64_t pad, int64_t threads) {
+  auto wd = dw->dimensions();
+  if (auto e = CheckShapes(x.dimensions(), wd); e.failure()) return e;
+  omp_set_num_threads(static_cast<int>(threads));
+  Conv& c = GetConv(MakeKey(x.dimensions(), wd, pad));
+  auto& s = ThreadScratch();
+  auto& eng = Engine();
+  auto wmd = c.bwd_wei_pd.diff_weights_desc();
+  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
+  Run(c.bwd_wei, c.bwd_wei_pd,
+      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.typed_data())},
+       {DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.typed_data())},
+       {DNNL_ARG_DIFF_WEIGHTS, wb}},
+      s.Pad(c.bwd_wei_pd.scratchpad_desc().get_size()));
+  dnnl::memory wu(c.wei_user, eng, dw->typed_data());
+  Reorder(c.from_diff_wei, wb, wu);
+  return ffi::Error::Success();
+}
+
+// oneDNN reports failures (e.g. out of memory) as exceptions, which must not
+// cross the FFI boundary.
+template <typename F, typename... Args>
+ffi::Error Guarded(F f, Args... args) {
+  try {
+    return f(args...);
+  } catch (const std::exception& e) {
+    return ffi::Error::Internal(std::string("nin_conv: ") + e.what());
+  }
+}
+
+static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t pad,
+                              int64_t threads) {
+  return Guarded(ConvForwardUnsafe, x, w, y, pad, threads);
+}
+
+static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy,
+                                   ffi::Buffer<ffi::F32> w,
+                                   ffi::ResultBuffer<ffi::F32> dx, int64_t pad,
+                                   int64_t threads) {
+  return Guarded(ConvBackwardDataUnsafe, dy, w, dx, pad, threads);
+}
+
+static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x,
+                                      ffi::Buffer<ffi::F32> dy,
+                                      ffi::ResultBuffer<ffi::F32> dw,
+                                      int64_t pad, int64_t threads) {
+  return Guarded(ConvBackwardWeightsUnsafe, x, dy, dw, pad, threads);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvForward, ConvForward,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardData, ConvBackwardData,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardWeights, ConvBackwardWeights,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("threads"));

@@ -1,0 +1,215 @@
+"""Tests of the oneDNN CPU convolutions and the hand-differentiated BatchNorm."""
+
+import os
+import platform
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import nin_jax
+from nin_jax import config_lib
+from nin_jax import cpu_kernels
+from nin_jax import models
+from nin_jax import train
+
+from conftest import REPO
+
+DN = ('NHWC', 'HWIO', 'NHWC')
+
+# nin-jax installs oneDNN on Linux x86-64, so there the kernels must build.
+pytestmark = pytest.mark.skipif(
+    jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
+    or platform.machine() != 'x86_64',
+    reason='the oneDNN kernels are installed on Linux x86-64 CPUs')
+
+
+def xla_conv(x, w, pad):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), [(pad, pad)] * 2,
+                                      dimension_numbers=DN)
+
+
+def value_and_grads(conv, x, w, g):
+  y, vjp = jax.vjp(lambda x, w: jax.nn.relu(conv(x, w)), x, w)
+  return (y, *vjp(g))
+
+
+@pytest.mark.parametrize('shape', [
+    # batch, height, width, in, out, kernel, pad
+    (4, 9, 9, 5, 7, 5, 2),
+    (3, 8, 6, 16, 12, 3, 1),
+    (2, 7, 7, 11, 13, 1, 0),
+    (2, 10, 10, 3, 8, 3, 0),  # VALID: the output shrinks.
+    (2, 5, 5, 4, 6, 5, 3),    # padding larger than the kernel's half.
+])
+def test_onednn_conv_matches_xla_forward_and_gradients(shape):
+  n, h, w_, ci, co, k, pad = shape
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (n, h, w_, ci))
+  w = jax.random.normal(keys[1], (k, k, ci, co)) * 0.2
+  out = h + 2 * pad - k + 1
+  g = jax.random.normal(keys[2], (n, out, w_ + 2 * pad - k + 1, co))
+  ours = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: cpu_kernels.onednn_conv(x, w, pad), x, w, g))(x, w, g)
+  ref = value_and_grads(lambda x, w: xla_conv(x, w, pad), x, w, g)
+  for a, b, name in zip(ours, ref, ('y', 'dx', 'dw')):
+    assert a.shape == b.shape, name
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_conv_general_dilated_uses_onednn_only_where_it_can():
+  x = jnp.ones((2, 8, 8, 4))
+  w = jnp.ones((3, 3, 4, 5))
+
+  def hlo(**kw):
+    fn = lambda x, w: cpu_kernels.conv_general_dilated(
+        x, w, kw.pop('strides', (1, 1)), kw.pop('padding', [(1, 1)] * 2),
+        dimension_numbers=DN, **kw)
+    return jax.jit(fn).lower(x, w).as_text()
+
+  assert 'NinConvForward' in hlo(impl='auto')
+  assert 'NinConvForward' in hlo(impl='onednn')
+  assert 'NinConvForward' not in hlo(impl='xla')
+  assert 'NinConvForward' not in hlo(impl='auto', strides=(2, 2))
+  assert 'NinConvForward' not in hlo(impl='auto', padding=[(0, 1)] * 2)
+  assert 'NinConvForward' not in hlo(impl='auto', padding='SAME')
+  bf16 = jax.jit(lambda x, w: cpu_kernels.conv_general_dilated(
+      x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN)).lower(
+          x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
+  assert 'NinConvForward' not in bf16
+  with pytest.raises(ValueError, match='conv impl must be one of'):
+    cpu_kernels.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                     dimension_numbers=DN, impl='mkl')
+
+
+def test_unbuildable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
+  monkeypatch.setattr(cpu_kernels, '_state', {})
+  monkeypatch.setenv('NIN_JAX_CACHE', str(tmp_path / 'cache'))
+  monkeypatch.setattr(cpu_kernels, '_candidate_prefixes',
+                      lambda: [tmp_path / 'nowhere'])
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
+  conv = lambda impl: cpu_kernels.conv_general_dilated(
+      x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN, impl=impl)
+  np.testing.assert_allclose(conv('auto'), xla_conv(x, w, 1))
+  assert not cpu_kernels.available()
+  with pytest.raises(cpu_kernels.OneDnnUnavailable,
+                     match='pip install onednn-cpu-gomp'):
+    conv('onednn')
+
+
+def test_cifar10_model_with_onednn_matches_xla_and_plain_reference():
+  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  xla = nin_jax.create_model('cifar10', conv_impl='xla')
+  ours = nin_jax.create_model('cifar10', conv_impl='onednn')
+  params = xla.init(jax.random.key(1), x)['params']
+  assert jax.tree.structure(params) == jax.tree.structure(
+      ours.init(jax.random.key(1), x)['params'])
+
+  def loss(model, params):
+    return jnp.sum(model.apply({'params': params}, x) ** 2)
+
+  ref_loss, ref_grads = jax.value_and_grad(lambda p: loss(xla, p))(params)
+  our_loss, our_grads = jax.jit(jax.value_and_grad(
+      lambda p: loss(ours, p)))(params)
+  np.testing.assert_allclose(our_loss, ref_loss, rtol=1e-4)
+  for a, b in zip(jax.tree.leaves(our_grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(a, b, rtol=2e-3,
+                               atol=2e-3 * float(jnp.abs(b).max()))
+
+
+MESH_SCRIPT = """
+import jax, jax.numpy as jnp, numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from nin_jax import cpu_kernels
+assert jax.device_count() == 4
+mesh = Mesh(np.array(jax.devices()), ('data',))
+keys = jax.random.split(jax.random.key(0), 3)
+x = jax.random.normal(keys[0], (8, 6, 6, 5))
+w = jax.random.normal(keys[1], (3, 3, 5, 7)) * 0.2
+g = jax.random.normal(keys[2], (8, 6, 6, 7))
+def vg(conv, x, w, g):
+  y, vjp = jax.vjp(lambda x, w: jnp.tanh(conv(x, w)), x, w)
+  return (y, *vjp(g))
+def sharded(x, w):
+  with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+    return cpu_kernels.onednn_conv(x, w, 1)
+data, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
+fn = jax.jit(lambda x, w, g: vg(sharded, x, w, g),
+             in_shardings=(data, rep, data))
+text = fn.lower(x, w, g).as_text()
+assert 'NinConvForward' in text and 'all_reduce' in text, text[-3000:]
+ours = fn(jax.device_put(x, data), jax.device_put(w, rep), jax.device_put(g, data))
+ref = vg(lambda x, w: jax.lax.conv_general_dilated(
+    x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=('NHWC', 'HWIO', 'NHWC')),
+    x, w, g)
+assert ours[0].sharding.spec == P('data'), ours[0].sharding
+for a, b in zip(ours, ref):
+  np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+print('OK')
+"""
+
+
+def test_onednn_conv_per_device_under_a_mesh_sums_weight_gradients():
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=4')
+  out = subprocess.run([sys.executable, '-c', MESH_SCRIPT], cwd=REPO, env=env,
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert out.stdout.strip().endswith('OK')
+
+
+def test_conv_impl_is_validated_and_free_to_change_on_resume(
+    quickstart_config, tmp_path):
+  c = quickstart_config
+  c.model.conv_impl = 'mkldnn'
+  with pytest.raises(config_lib.ConfigError, match='model.conv_impl'):
+    config_lib.validate_config(c)
+  c.model.conv_impl = 'xla'
+  workdir = tmp_path / 'run'
+  train.write_config(c, str(workdir))
+  (workdir / 'checkpoints' / '5').mkdir(parents=True)
+  c.model.conv_impl = 'auto'
+  train.check_resume_compatible(c, str(workdir))
+  c.model.head = 'fc'
+  with pytest.raises(config_lib.ConfigError, match='model'):
+    train.check_resume_compatible(c, str(workdir))
+
+
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
+def test_batch_norm_matches_flax(dtype):
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 12)) * 3 + 1
+  g = jax.random.normal(jax.random.key(1), (16, 6, 6, 12))
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                     dtype=dtype)
+  ours = models.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  variables = ref.init(jax.random.key(2), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, ours.init(jax.random.key(2), x, train=True))
+  params = {'scale': jnp.linspace(0.5, 2, 12), 'bias': jnp.linspace(-1, 1, 12)}
+
+  def run(module, **kw):
+    def loss(x, p):
+      y, new = module.apply({'params': p, **variables}, x,
+                            mutable=['batch_stats'], **kw)
+      return jnp.sum(jax.nn.relu(y).astype(jnp.float32) * g), (y, new)
+    return jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+
+  (ref_loss, (ref_y, ref_stats)), ref_grads = run(ref)
+  (our_loss, (our_y, our_stats)), our_grads = jax.jit(
+      lambda: run(ours, train=True))()
+  assert our_y.dtype == ref_y.dtype
+  np.testing.assert_allclose(our_y.astype(float), ref_y.astype(float),
+                             atol=1e-5)
+  for a, b in zip(jax.tree.leaves((our_grads, our_stats)),
+                  jax.tree.leaves((ref_grads, ref_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  evaluated = [m.apply({'params': params, **ref_stats}, x, **kw)
+               for m, kw in ((nn.BatchNorm(use_running_average=True,
+                                           dtype=dtype), {}),
+                             (ours, {'train': False}))]
+  np.testing.assert_allclose(evaluated[0].astype(float),
+                             evaluated[1].astype(float), atol=1e-6)
