@@ -169,7 +169,9 @@ def _vary_like(a, axes: frozenset):
 
 
 def _ffi(target: str, shape, dtype, *args, pad: int, threads: int):
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype))(
+  # Under vmap (e.g. per-example gradients) the call loops over the vmapped axis.
+  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype),
+                          vmap_method='sequential')(
       *args, pad=np.int64(pad), threads=np.int64(threads))
 
 

@@ -61,6 +61,16 @@ def test_onednn_conv_matches_xla_forward_and_gradients(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_onednn_conv_under_vmap_per_example_gradients():
+  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
+  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  per_example = lambda conv: jax.vmap(jax.grad(
+      lambda w, xi: jnp.sum(jnp.tanh(conv(xi[None], w)))), (None, 0))(w, x)
+  np.testing.assert_allclose(
+      per_example(lambda x, w: cpu_kernels.onednn_conv(x, w, 1)),
+      per_example(lambda x, w: xla_conv(x, w, 1)), rtol=1e-4, atol=1e-4)
+
+
 def test_conv_general_dilated_uses_onednn_only_where_it_can():
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((3, 3, 4, 5))
