@@ -2,7 +2,7 @@
 
 XLA's CPU convolutions reach about 185 GFLOP/s on NiN's 5 x 5 and 3 x 3 layers
 on a 2-core AVX-512 machine, where oneDNN (PyTorch's CPU backend) reaches about
-250. `conv_general_dilated(impl=...)` routes stride-1, float32, NHWC/HWIO
+250. `conv_general_dilated(impl=...)` routes stride-1, float32 or bfloat16, NHWC/HWIO
 convolutions to oneDNN through an XLA FFI custom call with its own VJP
 (forward, input gradient, weight gradient); everything else, and every
 non-CPU backend, uses XLA's convolution. Results agree with XLA's to float
@@ -41,6 +41,7 @@ _SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
 _TARGETS = {'fwd': 'NinConvForward', 'bwd_data': 'NinConvBackwardData',
             'bwd_weights': 'NinConvBackwardWeights'}
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -210,7 +211,7 @@ def _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
                      rhs_dilation, dimension_numbers, feature_group_count,
                      batch_group_count) -> Optional[int]:
   """The symmetric padding if oneDNN can run this convolution, else None."""
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+  if x.dtype not in _DTYPES or kernel.dtype != x.dtype:
     return None
   if x.ndim != 4 or tuple(window_strides) != (1, 1):
     return None
@@ -242,7 +243,7 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
   """`lax.conv_general_dilated`, run by oneDNN on CPU where it can be.
 
   impl: 'xla' always uses XLA; 'auto' uses oneDNN when the backend is CPU,
-  the convolution is eligible (float32, stride 1, NHWC/HWIO, symmetric
+  the convolution is eligible (float32 or bfloat16, stride 1, NHWC/HWIO, symmetric
   padding, no dilation or groups) and the kernels build, else XLA; 'onednn'
   is 'auto' that raises instead of falling back when the kernels cannot
   build. x is [batch, height, width, in]; kernel [kh, kw, in, out].
@@ -257,7 +258,7 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
   pad = _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
                          rhs_dilation, dimension_numbers, feature_group_count,
                          batch_group_count)
-  if (pad is None or preferred_element_type not in (None, jnp.float32)
+  if (pad is None or preferred_element_type not in (None, x.dtype)
       or not use_onednn(x, kernel, impl)):
     return xla()
   return onednn_conv(x, kernel, pad)
@@ -273,7 +274,7 @@ def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
     raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}.')
   if impl == 'xla' or _platform() != 'cpu':
     return False
-  if x.dtype != jnp.float32 or kernel.dtype != jnp.float32:
+  if x.dtype not in _DTYPES or kernel.dtype != x.dtype:
     return False
   if impl == 'onednn':
     _load()
@@ -290,7 +291,7 @@ def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
 def onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """Stride-1 convolution by oneDNN with `pad` zeros on every side.
 
-  x [batch, height, width, in] and kernel [kh, kw, in, out], float32, gives
+  x [batch, height, width, in] and kernel [kh, kw, in, out], float32 or bfloat16, gives
   [batch, height + 2 pad - kh + 1, width + 2 pad - kw + 1, out]. Under an
   abstract mesh of Auto axes the batch is split over all of them.
   """

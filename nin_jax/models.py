@@ -276,9 +276,9 @@ class MlpConv(nn.Module):
   Maps [batch, height, width, in_channels] to
   [batch, out_height, out_width, features[-1]]. `features[0]` is the width of
   the k x k convolution, the rest are the widths of the 1 x 1 layers.
-  `conv_impl`: 'xla', or 'auto'/'onednn' to run the float32 stride-1
-  convolutions with oneDNN on the CPU backend (`cpu_kernels`; same results
-  to float tolerance, about 20% faster training on a 2-core CPU).
+  `conv_impl`: 'xla', or 'auto'/'onednn' to run the float32 and bfloat16
+  stride-1 convolutions with oneDNN on the CPU backend (`cpu_kernels`; same
+  results to float tolerance, about 20% faster training on a 2-core CPU).
   """
   features: Sequence[int]
   kernel_size: int = 3

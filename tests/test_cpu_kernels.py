@@ -61,6 +61,21 @@ def test_onednn_conv_matches_xla_forward_and_gradients(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_onednn_conv_in_bfloat16_matches_xla():
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (4, 9, 9, 16)).astype(jnp.bfloat16)
+  w = (jax.random.normal(keys[1], (3, 3, 16, 8)) * 0.2).astype(jnp.bfloat16)
+  g = jax.random.normal(keys[2], (4, 9, 9, 8)).astype(jnp.bfloat16)
+  ours = jax.jit(lambda x, w, g: value_and_grads(
+      lambda x, w: cpu_kernels.onednn_conv(x, w, 1), x, w, g))(x, w, g)
+  ref = value_and_grads(lambda x, w: xla_conv(x, w, 1), x, w, g)
+  for a, b in zip(ours, ref):
+    assert a.dtype == b.dtype == jnp.bfloat16
+    scale = float(jnp.abs(b.astype(jnp.float32)).max())
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32),
+                               atol=1e-2 * scale)
+
+
 def test_onednn_conv_under_vmap_per_example_gradients():
   x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
@@ -87,10 +102,10 @@ def test_conv_general_dilated_uses_onednn_only_where_it_can():
   assert 'NinConvForward' not in hlo(impl='auto', strides=(2, 2))
   assert 'NinConvForward' not in hlo(impl='auto', padding=[(0, 1)] * 2)
   assert 'NinConvForward' not in hlo(impl='auto', padding='SAME')
-  bf16 = jax.jit(lambda x, w: cpu_kernels.conv_general_dilated(
+  f16 = jax.jit(lambda x, w: cpu_kernels.conv_general_dilated(
       x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN)).lower(
-          x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)).as_text()
-  assert 'NinConvForward' not in bf16
+          x.astype(jnp.float16), w.astype(jnp.float16)).as_text()
+  assert 'NinConvForward' not in f16
   with pytest.raises(ValueError, match='conv impl must be one of'):
     cpu_kernels.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
                                      dimension_numbers=DN, impl='mkl')

@@ -1,11 +1,12 @@
 // oneDNN convolutions for XLA's CPU backend, called through the XLA FFI.
 //
 // Three handlers (forward, input gradient, weight gradient) of a stride-1
-// convolution with symmetric zero padding; x is [N, H, W, C] and w is
+// convolution with symmetric zero padding, float32 or bfloat16; x is [N, H, W, C] and w is
 // [KH, KW, C, O], the layouts of flax's nn.Conv. nin_jax/cpu_kernels.py builds
 // this file on first use and wraps the handlers in a custom VJP.
 #include <cstdint>
 #include <exception>
+#include <initializer_list>
 #include <string>
 #include <map>
 #include <memory>
@@ -26,9 +27,10 @@ namespace {
 
 struct Key {
   int64_t n, h, w, ci, co, kh, kw, pad;
+  dt type;
   bool operator<(const Key& o) const {
-    return std::tie(n, h, w, ci, co, kh, kw, pad) <
-           std::tie(o.n, o.h, o.w, o.ci, o.co, o.kh, o.kw, o.pad);
+    return std::tie(n, h, w, ci, co, kh, kw, pad, type) <
+           std::tie(o.n, o.h, o.w, o.ci, o.co, o.kh, o.kw, o.pad, o.type);
   }
 };
 
@@ -53,11 +55,11 @@ struct Conv {
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     memory::dims strides = {1, 1}, pad = {k.pad, k.pad};
     int64_t oh = k.h + 2 * k.pad - k.kh + 1, ow = k.w + 2 * k.pad - k.kw + 1;
-    src = memory::desc({k.n, k.ci, k.h, k.w}, dt::f32, tag::nhwc);
-    dst = memory::desc({k.n, k.co, oh, ow}, dt::f32, tag::nhwc);
+    src = memory::desc({k.n, k.ci, k.h, k.w}, k.type, tag::nhwc);
+    dst = memory::desc({k.n, k.co, oh, ow}, k.type, tag::nhwc);
     memory::dims wd = {k.co, k.ci, k.kh, k.kw};
-    wei_user = memory::desc(wd, dt::f32, tag::hwio);
-    memory::desc wei_any(wd, dt::f32, tag::any);
+    wei_user = memory::desc(wd, k.type, tag::hwio);
+    memory::desc wei_any(wd, k.type, tag::any);
     auto algo = dnnl::algorithm::convolution_direct;
     fwd_pd = dnnl::convolution_forward::primitive_desc(
         eng, dnnl::prop_kind::forward_training, algo, src, wei_any, dst,
@@ -121,8 +123,9 @@ void Reorder(const dnnl::reorder& r, dnnl::memory& from, dnnl::memory& to) {
   s.wait();
 }
 
-Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w, int64_t pad) {
-  return Key{x[0], x[1], x[2], x[3], w[3], w[0], w[1], pad};
+Key MakeKey(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w,
+            int64_t pad, dt type) {
+  return Key{x[0], x[1], x[2], x[3], w[3], w[0], w[1], pad, type};
 }
 
 ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w) {
@@ -132,71 +135,91 @@ ffi::Error CheckShapes(ffi::Span<const int64_t> x, ffi::Span<const int64_t> w) {
   return ffi::Error::Success();
 }
 
+// float32 and bfloat16 run in oneDNN; all operands share one type.
+ffi::Error Type(std::initializer_list<ffi::DataType> types, dt* out) {
+  ffi::DataType first = *types.begin();
+  for (auto t : types)
+    if (t != first)
+      return ffi::Error::InvalidArgument("nin_conv: mixed operand types");
+  if (first == ffi::DataType::F32) { *out = dt::f32; return ffi::Error::Success(); }
+  if (first == ffi::DataType::BF16) { *out = dt::bf16; return ffi::Error::Success(); }
+  return ffi::Error::InvalidArgument("nin_conv: only float32 and bfloat16");
+}
+
 }  // namespace
 
 // y = conv(x, w), stride 1, symmetric zero padding `pad`; NHWC / HWIO.
-static ffi::Error ConvForwardUnsafe(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                              ffi::ResultBuffer<ffi::F32> y, int64_t pad,
+static ffi::Error ConvForwardUnsafe(ffi::AnyBuffer x, ffi::AnyBuffer w,
+                              ffi::Result<ffi::AnyBuffer> y, int64_t pad,
                               int64_t threads) {
   if (auto e = CheckShapes(x.dimensions(), w.dimensions()); e.failure()) return e;
+  dt type;
+  if (auto e = Type({x.element_type(), w.element_type(), y->element_type()}, &type);
+      e.failure()) return e;
   omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(x.dimensions(), w.dimensions(), pad));
+  Conv& c = GetConv(MakeKey(x.dimensions(), w.dimensions(), pad, type));
   auto& s = ThreadScratch();
   auto& eng = Engine();
-  dnnl::memory wu(c.wei_user, eng, w.typed_data());
+  dnnl::memory wu(c.wei_user, eng, w.untyped_data());
   auto wmd = c.fwd_pd.weights_desc();
   dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
   Reorder(c.to_fwd_wei, wu, wb);
   Run(c.fwd, c.fwd_pd,
-      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.typed_data())},
+      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.untyped_data())},
        {DNNL_ARG_WEIGHTS, wb},
-       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, y->typed_data())}},
+       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, y->untyped_data())}},
       s.Pad(c.fwd_pd.scratchpad_desc().get_size()));
   return ffi::Error::Success();
 }
 
 // dx = the input gradient of conv(x, w) for output gradient dy.
-static ffi::Error ConvBackwardDataUnsafe(ffi::Buffer<ffi::F32> dy,
-                                   ffi::Buffer<ffi::F32> w,
-                                   ffi::ResultBuffer<ffi::F32> dx, int64_t pad,
+static ffi::Error ConvBackwardDataUnsafe(ffi::AnyBuffer dy,
+                                   ffi::AnyBuffer w,
+                                   ffi::Result<ffi::AnyBuffer> dx, int64_t pad,
                                    int64_t threads) {
   auto xd = dx->dimensions();
   if (auto e = CheckShapes(xd, w.dimensions()); e.failure()) return e;
+  dt type;
+  if (auto e = Type({dy.element_type(), w.element_type(), dx->element_type()}, &type);
+      e.failure()) return e;
   omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(xd, w.dimensions(), pad));
+  Conv& c = GetConv(MakeKey(xd, w.dimensions(), pad, type));
   auto& s = ThreadScratch();
   auto& eng = Engine();
-  dnnl::memory wu(c.wei_user, eng, w.typed_data());
+  dnnl::memory wu(c.wei_user, eng, w.untyped_data());
   auto wmd = c.bwd_data_pd.weights_desc();
   dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
   Reorder(c.to_bwd_wei, wu, wb);
   Run(c.bwd_data, c.bwd_data_pd,
-      {{DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.typed_data())},
+      {{DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.untyped_data())},
        {DNNL_ARG_WEIGHTS, wb},
-       {DNNL_ARG_DIFF_SRC, dnnl::memory(c.src, eng, dx->typed_data())}},
+       {DNNL_ARG_DIFF_SRC, dnnl::memory(c.src, eng, dx->untyped_data())}},
       s.Pad(c.bwd_data_pd.scratchpad_desc().get_size()));
   return ffi::Error::Success();
 }
 
 // dw = the weight gradient of conv(x, w) for output gradient dy.
-static ffi::Error ConvBackwardWeightsUnsafe(ffi::Buffer<ffi::F32> x,
-                                      ffi::Buffer<ffi::F32> dy,
-                                      ffi::ResultBuffer<ffi::F32> dw,
+static ffi::Error ConvBackwardWeightsUnsafe(ffi::AnyBuffer x,
+                                      ffi::AnyBuffer dy,
+                                      ffi::Result<ffi::AnyBuffer> dw,
                                       int64_t pad, int64_t threads) {
   auto wd = dw->dimensions();
   if (auto e = CheckShapes(x.dimensions(), wd); e.failure()) return e;
+  dt type;
+  if (auto e = Type({x.element_type(), dy.element_type(), dw->element_type()}, &type);
+      e.failure()) return e;
   omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(x.dimensions(), wd, pad));
+  Conv& c = GetConv(MakeKey(x.dimensions(), wd, pad, type));
   auto& s = ThreadScratch();
   auto& eng = Engine();
   auto wmd = c.bwd_wei_pd.diff_weights_desc();
   dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
   Run(c.bwd_wei, c.bwd_wei_pd,
-      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.typed_data())},
-       {DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.typed_data())},
+      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.untyped_data())},
+       {DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.untyped_data())},
        {DNNL_ARG_DIFF_WEIGHTS, wb}},
       s.Pad(c.bwd_wei_pd.scratchpad_desc().get_size()));
-  dnnl::memory wu(c.wei_user, eng, dw->typed_data());
+  dnnl::memory wu(c.wei_user, eng, dw->untyped_data());
   Reorder(c.from_diff_wei, wb, wu);
   return ffi::Error::Success();
 }
@@ -212,44 +235,44 @@ ffi::Error Guarded(F f, Args... args) {
   }
 }
 
-static ffi::Error ConvForward(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
-                              ffi::ResultBuffer<ffi::F32> y, int64_t pad,
+static ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w,
+                              ffi::Result<ffi::AnyBuffer> y, int64_t pad,
                               int64_t threads) {
   return Guarded(ConvForwardUnsafe, x, w, y, pad, threads);
 }
 
-static ffi::Error ConvBackwardData(ffi::Buffer<ffi::F32> dy,
-                                   ffi::Buffer<ffi::F32> w,
-                                   ffi::ResultBuffer<ffi::F32> dx, int64_t pad,
+static ffi::Error ConvBackwardData(ffi::AnyBuffer dy,
+                                   ffi::AnyBuffer w,
+                                   ffi::Result<ffi::AnyBuffer> dx, int64_t pad,
                                    int64_t threads) {
   return Guarded(ConvBackwardDataUnsafe, dy, w, dx, pad, threads);
 }
 
-static ffi::Error ConvBackwardWeights(ffi::Buffer<ffi::F32> x,
-                                      ffi::Buffer<ffi::F32> dy,
-                                      ffi::ResultBuffer<ffi::F32> dw,
+static ffi::Error ConvBackwardWeights(ffi::AnyBuffer x,
+                                      ffi::AnyBuffer dy,
+                                      ffi::Result<ffi::AnyBuffer> dw,
                                       int64_t pad, int64_t threads) {
   return Guarded(ConvBackwardWeightsUnsafe, x, dy, dw, pad, threads);
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvForward, ConvForward,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad")
                                   .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardData, ConvBackwardData,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad")
                                   .Attr<int64_t>("threads"));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardWeights, ConvBackwardWeights,
                               ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
                                   .Attr<int64_t>("pad")
                                   .Attr<int64_t>("threads"));
