@@ -227,7 +227,13 @@ def _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
   if isinstance(padding, str) or len({tuple(p) for p in padding}) != 1:
     return None
   lo, hi = padding[0]
-  return lo if lo == hi and lo >= 0 else None
+  if lo != hi or lo < 0:
+    return None
+  dn_x = [x.shape[d] for d in dn.lhs_spec[2:]]
+  dn_k = [kernel.shape[d] for d in dn.rhs_spec[2:]]
+  if any(size + 2 * lo < k for size, k in zip(dn_x, dn_k)):
+    return None  # An empty output: XLA reports it.
+  return lo
 
 
 def conv_general_dilated(x: jax.Array, kernel: jax.Array,
