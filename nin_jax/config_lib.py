@@ -62,7 +62,7 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.batch_norm = False
   c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
   c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
-  # k x k convolutions: 'auto' (oneDNN on the CPU backend, see
+  # Convolutions: 'auto' (oneDNN on the CPU backend, see
   # nin_jax/cpu_kernels.py; XLA elsewhere), 'xla' or 'onednn'.
   c.model.conv_impl = 'auto'
   c.dtype = 'float32'             # Compute dtype; params stay float32.

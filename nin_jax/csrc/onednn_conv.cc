@@ -148,79 +148,93 @@ ffi::Error Type(std::initializer_list<ffi::DataType> types, dt* out) {
 
 }  // namespace
 
+// Checks the operands, sets this thread's oneDNN thread count and finds the
+// primitives for input dims `xd` and weight dims `wd`.
+ffi::Error Prepare(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
+                   std::initializer_list<ffi::DataType> types, int64_t pad,
+                   int64_t threads, Conv** conv) {
+  if (auto e = CheckShapes(xd, wd); e.failure()) return e;
+  dt type;
+  if (auto e = Type(types, &type); e.failure()) return e;
+  omp_set_num_threads(static_cast<int>(threads));
+  *conv = &GetConv(MakeKey(xd, wd, pad, type));
+  return ffi::Error::Success();
+}
+
+// The HWIO weights at `data` reordered by `r` into the primitive's layout `md`.
+dnnl::memory BlockedWeights(const Conv& c, const dnnl::reorder& r,
+                            const memory::desc& md, void* data, Scratch& s) {
+  dnnl::memory user(c.wei_user, Engine(), data);
+  dnnl::memory blocked(md, Engine(), s.Weights(md.get_size()));
+  Reorder(r, user, blocked);
+  return blocked;
+}
+
 // y = conv(x, w), stride 1, symmetric zero padding `pad`; NHWC / HWIO.
 static ffi::Error ConvForwardUnsafe(ffi::AnyBuffer x, ffi::AnyBuffer w,
-                              ffi::Result<ffi::AnyBuffer> y, int64_t pad,
-                              int64_t threads) {
-  if (auto e = CheckShapes(x.dimensions(), w.dimensions()); e.failure()) return e;
-  dt type;
-  if (auto e = Type({x.element_type(), w.element_type(), y->element_type()}, &type);
-      e.failure()) return e;
-  omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(x.dimensions(), w.dimensions(), pad, type));
+                                    ffi::Result<ffi::AnyBuffer> y, int64_t pad,
+                                    int64_t threads) {
+  Conv* c;
+  if (auto e = Prepare(x.dimensions(), w.dimensions(),
+                       {x.element_type(), w.element_type(), y->element_type()},
+                       pad, threads, &c);
+      e.failure())
+    return e;
   auto& s = ThreadScratch();
   auto& eng = Engine();
-  dnnl::memory wu(c.wei_user, eng, w.untyped_data());
-  auto wmd = c.fwd_pd.weights_desc();
-  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
-  Reorder(c.to_fwd_wei, wu, wb);
-  Run(c.fwd, c.fwd_pd,
-      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.untyped_data())},
-       {DNNL_ARG_WEIGHTS, wb},
-       {DNNL_ARG_DST, dnnl::memory(c.dst, eng, y->untyped_data())}},
-      s.Pad(c.fwd_pd.scratchpad_desc().get_size()));
+  Run(c->fwd, c->fwd_pd,
+      {{DNNL_ARG_SRC, dnnl::memory(c->src, eng, x.untyped_data())},
+       {DNNL_ARG_WEIGHTS, BlockedWeights(*c, c->to_fwd_wei,
+                                         c->fwd_pd.weights_desc(),
+                                         w.untyped_data(), s)},
+       {DNNL_ARG_DST, dnnl::memory(c->dst, eng, y->untyped_data())}},
+      s.Pad(c->fwd_pd.scratchpad_desc().get_size()));
   return ffi::Error::Success();
 }
 
 // dx = the input gradient of conv(x, w) for output gradient dy.
-static ffi::Error ConvBackwardDataUnsafe(ffi::AnyBuffer dy,
-                                   ffi::AnyBuffer w,
-                                   ffi::Result<ffi::AnyBuffer> dx, int64_t pad,
-                                   int64_t threads) {
-  auto xd = dx->dimensions();
-  if (auto e = CheckShapes(xd, w.dimensions()); e.failure()) return e;
-  dt type;
-  if (auto e = Type({dy.element_type(), w.element_type(), dx->element_type()}, &type);
-      e.failure()) return e;
-  omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(xd, w.dimensions(), pad, type));
+static ffi::Error ConvBackwardDataUnsafe(ffi::AnyBuffer dy, ffi::AnyBuffer w,
+                                         ffi::Result<ffi::AnyBuffer> dx,
+                                         int64_t pad, int64_t threads) {
+  Conv* c;
+  if (auto e = Prepare(dx->dimensions(), w.dimensions(),
+                       {dy.element_type(), w.element_type(), dx->element_type()},
+                       pad, threads, &c);
+      e.failure())
+    return e;
   auto& s = ThreadScratch();
   auto& eng = Engine();
-  dnnl::memory wu(c.wei_user, eng, w.untyped_data());
-  auto wmd = c.bwd_data_pd.weights_desc();
-  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
-  Reorder(c.to_bwd_wei, wu, wb);
-  Run(c.bwd_data, c.bwd_data_pd,
-      {{DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.untyped_data())},
-       {DNNL_ARG_WEIGHTS, wb},
-       {DNNL_ARG_DIFF_SRC, dnnl::memory(c.src, eng, dx->untyped_data())}},
-      s.Pad(c.bwd_data_pd.scratchpad_desc().get_size()));
+  Run(c->bwd_data, c->bwd_data_pd,
+      {{DNNL_ARG_DIFF_DST, dnnl::memory(c->dst, eng, dy.untyped_data())},
+       {DNNL_ARG_WEIGHTS, BlockedWeights(*c, c->to_bwd_wei,
+                                         c->bwd_data_pd.weights_desc(),
+                                         w.untyped_data(), s)},
+       {DNNL_ARG_DIFF_SRC, dnnl::memory(c->src, eng, dx->untyped_data())}},
+      s.Pad(c->bwd_data_pd.scratchpad_desc().get_size()));
   return ffi::Error::Success();
 }
 
 // dw = the weight gradient of conv(x, w) for output gradient dy.
-static ffi::Error ConvBackwardWeightsUnsafe(ffi::AnyBuffer x,
-                                      ffi::AnyBuffer dy,
-                                      ffi::Result<ffi::AnyBuffer> dw,
-                                      int64_t pad, int64_t threads) {
-  auto wd = dw->dimensions();
-  if (auto e = CheckShapes(x.dimensions(), wd); e.failure()) return e;
-  dt type;
-  if (auto e = Type({x.element_type(), dy.element_type(), dw->element_type()}, &type);
-      e.failure()) return e;
-  omp_set_num_threads(static_cast<int>(threads));
-  Conv& c = GetConv(MakeKey(x.dimensions(), wd, pad, type));
+static ffi::Error ConvBackwardWeightsUnsafe(ffi::AnyBuffer x, ffi::AnyBuffer dy,
+                                            ffi::Result<ffi::AnyBuffer> dw,
+                                            int64_t pad, int64_t threads) {
+  Conv* c;
+  if (auto e = Prepare(x.dimensions(), dw->dimensions(),
+                       {x.element_type(), dy.element_type(), dw->element_type()},
+                       pad, threads, &c);
+      e.failure())
+    return e;
   auto& s = ThreadScratch();
   auto& eng = Engine();
-  auto wmd = c.bwd_wei_pd.diff_weights_desc();
-  dnnl::memory wb(wmd, eng, s.Weights(wmd.get_size()));
-  Run(c.bwd_wei, c.bwd_wei_pd,
-      {{DNNL_ARG_SRC, dnnl::memory(c.src, eng, x.untyped_data())},
-       {DNNL_ARG_DIFF_DST, dnnl::memory(c.dst, eng, dy.untyped_data())},
-       {DNNL_ARG_DIFF_WEIGHTS, wb}},
-      s.Pad(c.bwd_wei_pd.scratchpad_desc().get_size()));
-  dnnl::memory wu(c.wei_user, eng, dw->untyped_data());
-  Reorder(c.from_diff_wei, wb, wu);
+  auto wmd = c->bwd_wei_pd.diff_weights_desc();
+  dnnl::memory blocked(wmd, eng, s.Weights(wmd.get_size()));
+  Run(c->bwd_wei, c->bwd_wei_pd,
+      {{DNNL_ARG_SRC, dnnl::memory(c->src, eng, x.untyped_data())},
+       {DNNL_ARG_DIFF_DST, dnnl::memory(c->dst, eng, dy.untyped_data())},
+       {DNNL_ARG_DIFF_WEIGHTS, blocked}},
+      s.Pad(c->bwd_wei_pd.scratchpad_desc().get_size()));
+  dnnl::memory user(c->wei_user, eng, dw->untyped_data());
+  Reorder(c->from_diff_wei, blocked, user);
   return ffi::Error::Success();
 }
 
