@@ -125,7 +125,9 @@ def _load() -> None:
             platform='cpu')
     except (OSError, subprocess.SubprocessError, OneDnnUnavailable) as e:
       error = e if isinstance(e, OneDnnUnavailable) else OneDnnUnavailable(
-          f'{type(e).__name__}: {e}')
+          f'building or loading the kernels in {_cache_dir()} failed: '
+          f'{type(e).__name__}: {e}; set NIN_JAX_CACHE to a writable '
+          "directory, or use conv_impl='xla'.")
       _state['error'] = error
       raise error from None
     _state['library'] = library
