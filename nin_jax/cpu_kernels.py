@@ -2,9 +2,9 @@
 
 XLA's CPU convolutions reach about 185 GFLOP/s on NiN's 5 x 5 and 3 x 3 layers
 on a 2-core AVX-512 machine, where oneDNN (PyTorch's CPU backend) reaches about
-250. `conv_general_dilated(impl=...)` routes stride-1, float32 or bfloat16, NHWC/HWIO
-convolutions to oneDNN through an XLA FFI custom call with its own VJP
-(forward, input gradient, weight gradient); everything else, and every
+250. `conv_general_dilated(impl=...)` routes stride-1, float32 or bfloat16,
+NHWC/HWIO convolutions to oneDNN through an XLA FFI custom call with its own
+VJP (forward, input gradient, weight gradient); everything else, and every
 non-CPU backend, uses XLA's convolution. Results agree with XLA's to float
 tolerance (summation order differs).
 
@@ -212,12 +212,11 @@ _onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
 def _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
                      rhs_dilation, dimension_numbers, feature_group_count,
                      batch_group_count) -> Optional[int]:
-  """The symmetric padding if oneDNN can run this convolution, else None."""
-  if x.dtype not in _DTYPES or kernel.dtype != x.dtype:
-    return None
+  """The symmetric padding if oneDNN can run this convolution's shape, else
+  None (`use_onednn` checks the dtypes and backend)."""
   if x.ndim != 4 or tuple(window_strides) != (1, 1):
     return None
-  if any(d not in (None, (1, 1)) and tuple(d) != (1, 1)
+  if any(d is not None and tuple(d) != (1, 1)
          for d in (lhs_dilation, rhs_dilation)):
     return None
   if feature_group_count != 1 or batch_group_count != 1:
@@ -251,8 +250,9 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
   """`lax.conv_general_dilated`, run by oneDNN on CPU where it can be.
 
   impl: 'xla' always uses XLA; 'auto' uses oneDNN when the backend is CPU,
-  the convolution is eligible (float32 or bfloat16, stride 1, NHWC/HWIO, symmetric
-  padding, no dilation or groups) and the kernels build, else XLA; 'onednn'
+  the convolution is eligible (float32 or bfloat16, stride 1, NHWC/HWIO,
+  symmetric padding, no dilation or groups) and the kernels build, else XLA;
+  'onednn'
   is 'auto' that raises instead of falling back when the kernels cannot
   build. x is [batch, height, width, in]; kernel [kh, kw, in, out].
   """
@@ -273,7 +273,7 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
 
 
 def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
-  """Whether `impl` runs this float32 NHWC/HWIO convolution with oneDNN.
+  """Whether `impl` runs a convolution of these operands with oneDNN.
 
   'auto' falls back (with one warning) when the kernels cannot be built;
   'onednn' raises OneDnnUnavailable then.
@@ -299,8 +299,8 @@ def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
 def onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """Stride-1 convolution by oneDNN with `pad` zeros on every side.
 
-  x [batch, height, width, in] and kernel [kh, kw, in, out], float32 or bfloat16, gives
-  [batch, height + 2 pad - kh + 1, width + 2 pad - kw + 1, out]. Under an
+  x [batch, height, width, in] and kernel [kh, kw, in, out], float32 or
+  bfloat16, gives [batch, height + 2 pad - kh + 1, width + 2 pad - kw + 1, out]. Under an
   abstract mesh of Auto axes the batch is split over all of them.
   """
   _load()

@@ -1,9 +1,10 @@
 // oneDNN convolutions for XLA's CPU backend, called through the XLA FFI.
 //
 // Three handlers (forward, input gradient, weight gradient) of a stride-1
-// convolution with symmetric zero padding, float32 or bfloat16; x is [N, H, W, C] and w is
-// [KH, KW, C, O], the layouts of flax's nn.Conv. nin_jax/cpu_kernels.py builds
-// this file on first use and wraps the handlers in a custom VJP.
+// convolution with symmetric zero padding, float32 or bfloat16; x is
+// [N, H, W, C] and w is [KH, KW, C, O], the layouts of flax's nn.Conv.
+// nin_jax/cpu_kernels.py builds this file on first use and wraps the handlers
+// in a custom VJP.
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
@@ -146,8 +147,6 @@ ffi::Error Type(std::initializer_list<ffi::DataType> types, dt* out) {
   return ffi::Error::InvalidArgument("nin_conv: only float32 and bfloat16");
 }
 
-}  // namespace
-
 // Checks the operands, sets this thread's oneDNN thread count and finds the
 // primitives for input dims `xd` and weight dims `wd`.
 ffi::Error Prepare(ffi::Span<const int64_t> xd, ffi::Span<const int64_t> wd,
@@ -169,6 +168,8 @@ dnnl::memory BlockedWeights(const Conv& c, const dnnl::reorder& r,
   Reorder(r, user, blocked);
   return blocked;
 }
+
+}  // namespace
 
 // y = conv(x, w), stride 1, symmetric zero padding `pad`; NHWC / HWIO.
 static ffi::Error ConvForwardUnsafe(ffi::AnyBuffer x, ffi::AnyBuffer w,
@@ -240,53 +241,33 @@ static ffi::Error ConvBackwardWeightsUnsafe(ffi::AnyBuffer x, ffi::AnyBuffer dy,
 
 // oneDNN reports failures (e.g. out of memory) as exceptions, which must not
 // cross the FFI boundary.
-template <typename F, typename... Args>
-ffi::Error Guarded(F f, Args... args) {
+using Handler = ffi::Error (*)(ffi::AnyBuffer, ffi::AnyBuffer,
+                               ffi::Result<ffi::AnyBuffer>, int64_t, int64_t);
+
+template <Handler F>
+ffi::Error Guarded(ffi::AnyBuffer a, ffi::AnyBuffer b,
+                   ffi::Result<ffi::AnyBuffer> out, int64_t pad,
+                   int64_t threads) {
   try {
-    return f(args...);
+    return F(a, b, out, pad, threads);
   } catch (const std::exception& e) {
     return ffi::Error::Internal(std::string("nin_conv: ") + e.what());
   }
 }
 
-static ffi::Error ConvForward(ffi::AnyBuffer x, ffi::AnyBuffer w,
-                              ffi::Result<ffi::AnyBuffer> y, int64_t pad,
-                              int64_t threads) {
-  return Guarded(ConvForwardUnsafe, x, w, y, pad, threads);
+// All three handlers take two arrays, return one, and read `pad`, `threads`.
+auto Binding() {
+  return ffi::Ffi::Bind()
+      .Arg<ffi::AnyBuffer>()
+      .Arg<ffi::AnyBuffer>()
+      .Ret<ffi::AnyBuffer>()
+      .Attr<int64_t>("pad")
+      .Attr<int64_t>("threads");
 }
 
-static ffi::Error ConvBackwardData(ffi::AnyBuffer dy,
-                                   ffi::AnyBuffer w,
-                                   ffi::Result<ffi::AnyBuffer> dx, int64_t pad,
-                                   int64_t threads) {
-  return Guarded(ConvBackwardDataUnsafe, dy, w, dx, pad, threads);
-}
-
-static ffi::Error ConvBackwardWeights(ffi::AnyBuffer x,
-                                      ffi::AnyBuffer dy,
-                                      ffi::Result<ffi::AnyBuffer> dw,
-                                      int64_t pad, int64_t threads) {
-  return Guarded(ConvBackwardWeightsUnsafe, x, dy, dw, pad, threads);
-}
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvForward, ConvForward,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardData, ConvBackwardData,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
-XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardWeights, ConvBackwardWeights,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Arg<ffi::AnyBuffer>()
-                                  .Ret<ffi::AnyBuffer>()
-                                  .Attr<int64_t>("pad")
-                                  .Attr<int64_t>("threads"));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvForward, Guarded<ConvForwardUnsafe>,
+                              Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardData,
+                              Guarded<ConvBackwardDataUnsafe>, Binding());
+XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardWeights,
+                              Guarded<ConvBackwardWeightsUnsafe>, Binding());
