@@ -228,9 +228,15 @@ def torch_variants(choice: str) -> tuple[list[str], Optional[str]]:
 
 def build_torch(c, variants: list[str], warmup: int
                 ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
-  """Builds and warms up each torch variant; failures are reported."""
-  import torch_nin  # pylint: disable=g-import-not-at-top
+  """Builds and warms up each torch variant; failures are reported.
+
+  Imports torch only when a variant was asked for, so `--torch none` runs
+  where torch is not installed.
+  """
   runners, info = {}, {}
+  if not variants:
+    return runners, info
+  import torch_nin  # pylint: disable=g-import-not-at-top
   for variant in variants:
     try:
       runner = torch_nin.TorchRunner(c.preset, c.batch_size, variant,

@@ -48,6 +48,25 @@ def test_benchmark_quickstart_json(repo_root):
     assert result['torch_error']
 
 
+def test_benchmark_without_torch_needs_no_torch(repo_root, tmp_path):
+  """`--torch none` must not import torch: here any import of it fails."""
+  (tmp_path / 'torch').mkdir()
+  (tmp_path / 'torch' / '__init__.py').write_text(
+      "raise ImportError('torch imported although --torch none')\n")
+  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
+  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(tmp_path))
+  out = subprocess.run(
+      [sys.executable, str(repo_root / 'experiments' / 'benchmark.py'),
+       '--preset', 'quickstart', '--batch-size', '8', '--steps', '1',
+       '--rounds', '1', '--warmup', '0', '--torch', 'none', '--devices', '1',
+       '--json'],
+      capture_output=True, text=True, timeout=120, env=env)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['torch'] == {} and 'disabled' in result['torch_error']
+  assert result['train_images_per_sec'] > 0
+
+
 def test_cifar10_forward_flops_are_the_papers_model():
   sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
                                   'experiments'))
