@@ -42,6 +42,8 @@ _TARGETS = {'fwd': 'NinConvForward', 'bwd_data': 'NinConvBackwardData',
             'bwd_weights': 'NinConvBackwardWeights'}
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
 _DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16))
+# dnnl::memory::data_type codes of _DTYPES.
+_DNNL_TYPES = {jnp.dtype(jnp.float32): 3, jnp.dtype(jnp.bfloat16): 2}
 _lock = threading.Lock()
 _state: dict[str, Any] = {}
 
@@ -131,16 +133,29 @@ def _load() -> None:
       _state['error'] = error
       raise error from None
     _state['library'] = library
+    _state['dtypes'] = tuple(
+        d for d, code in _DNNL_TYPES.items() if library.NinConvSupports(code))
     _state['loaded'] = True
 
 
 def available() -> bool:
   """Whether the oneDNN kernels are built and registered (builds on first call)."""
+  return unavailable_reason() is None
+
+
+def supports(dtype: Any) -> bool:
+  """Whether the kernels run convolutions of `dtype` on this CPU (bfloat16
+  needs AVX-512 or AVX2-VNNI-2; elsewhere XLA convolves bfloat16)."""
+  return available() and jnp.dtype(dtype) in _state['dtypes']
+
+
+def unavailable_reason() -> Optional[str]:
+  """None if the kernels are built and registered, else why not."""
   try:
     _load()
-  except OneDnnUnavailable:
-    return False
-  return True
+  except OneDnnUnavailable as e:
+    return str(e)
+  return None
 
 
 def _platform() -> str:
@@ -250,8 +265,9 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
   """`lax.conv_general_dilated`, run by oneDNN on CPU where it can be.
 
   impl: 'xla' always uses XLA; 'auto' uses oneDNN when the backend is CPU,
-  the convolution is eligible (float32 or bfloat16, stride 1, NHWC/HWIO,
-  symmetric padding, no dilation or groups) and the kernels build, else XLA;
+  the convolution is eligible (float32, or bfloat16 on CPUs with AVX-512 or
+  AVX2-VNNI-2; stride 1, NHWC/HWIO, symmetric padding, no dilation or
+  groups) and the kernels build, else XLA;
   'onednn'
   is 'auto' that raises instead of falling back when the kernels cannot
   build. x is [batch, height, width, in]; kernel [kh, kw, in, out].
@@ -286,9 +302,9 @@ def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
     return False
   if impl == 'onednn':
     _load()
-    return True
+    return x.dtype in _state['dtypes']
   if available():
-    return True
+    return x.dtype in _state['dtypes']
   if not _state.get('warned'):
     _state['warned'] = True
     logging.warning("oneDNN convolutions unavailable, using XLA's: %s",

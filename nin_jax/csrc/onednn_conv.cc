@@ -271,3 +271,15 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardData,
                               Guarded<ConvBackwardDataUnsafe>, Binding());
 XLA_FFI_DEFINE_HANDLER_SYMBOL(NinConvBackwardWeights,
                               Guarded<ConvBackwardWeightsUnsafe>, Binding());
+
+// 1 if oneDNN can build this file's convolutions for `type` (a dnnl data type)
+// on this CPU, else 0: bfloat16 needs AVX-512 or AVX2-VNNI-2, and a CPU
+// without them fails only when the primitive is created.
+extern "C" int NinConvSupports(int type) {
+  try {
+    Conv probe(Key{2, 4, 4, 8, 8, 3, 3, 1, static_cast<dt>(type)});
+    return 1;
+  } catch (...) {
+    return 0;
+  }
+}
