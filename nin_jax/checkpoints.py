@@ -57,8 +57,16 @@ def read_numpy(item_dir: str) -> dict[str, Any]:
   return checkpointer.restore(item_dir, restore_args=numpy_args)
 
 
-class CheckpointMismatchError(ValueError):
+class CheckpointError(ValueError):
+  """The workdir's checkpoints cannot be used by this run."""
+
+
+class CheckpointMismatchError(CheckpointError):
   """A checkpoint holds a model of another shape than the current config's."""
+
+
+class NoReadableCheckpointError(CheckpointError):
+  """Every checkpoint in the workdir is damaged; none was deleted."""
 
 
 def _key_name(key) -> str:
@@ -122,8 +130,10 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any
                       '%s.', step, errors, _damaged_dir(manager))
     return step, restored
   if errors:
-    raise RuntimeError(f'No readable checkpoint in {manager.directory}: '
-                       f'steps {errors} are all damaged.')
+    raise NoReadableCheckpointError(
+        f'No readable checkpoint in {manager.directory}: steps {errors} are '
+        'all damaged (kept as they are). Move that directory aside to start '
+        'over, or resume from a copy of the workdir.')
   return None, target
 
 

@@ -7,9 +7,10 @@ or written, and names the offending field in its error.
 
 from __future__ import annotations
 
+import difflib
 import math
 import os
-from typing import Optional
+from typing import Any, Optional, Sequence
 
 import ml_collections
 
@@ -27,6 +28,7 @@ TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012')
 STREAMED_TFDS = ('imagenet2012',)
 # Per-pixel normalizations a streamed dataset can use (applied on device).
 STREAMED_PREPROCESSING = ('standardize', 'scale', 'none')
+MAX_DATA_WORKERS = 1024
 
 
 class ConfigError(ValueError):
@@ -134,12 +136,94 @@ def _check(ok: bool, field: str, value, expected: str) -> None:
     raise ConfigError(f'config.{field}={value!r}: {expected}.')
 
 
+def field_names(config: Any, prefix: str = '', groups: bool = True
+                ) -> list[str]:
+  """Every dotted field of a ConfigDict, nested ones included (and the
+  groups holding them, unless `groups` is False)."""
+  names = []
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict):
+      names += [prefix + key] if groups else []
+      names += field_names(value, f'{prefix}{key}.', groups)
+    else:
+      names.append(prefix + key)
+  return names
+
+
+def nearest_names(name: str, fields: Sequence[str], n: int = 3) -> list[str]:
+  """The fields spelt most like `name` (whole dotted names and last parts)."""
+  close = difflib.get_close_matches(name, fields, n=n, cutoff=0.6)
+  last = name.rsplit('.', 1)[-1]
+  by_last = [f for f in fields
+             if difflib.get_close_matches(last, [f.rsplit('.', 1)[-1]],
+                                          cutoff=0.75)]
+  return list(dict.fromkeys(close + by_last))[:n]
+
+
+def _type_name(value) -> str:
+  return 'a tuple of numbers' if isinstance(value, tuple) else (
+      f'a {type(value).__name__}')
+
+
+def _type_fits(value, default) -> bool:
+  """Whether `value` can stand where the default config has `default`."""
+  if isinstance(default, bool):
+    return isinstance(value, bool)
+  if isinstance(default, int):
+    return isinstance(value, int) and not isinstance(value, bool)
+  if isinstance(default, float):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if isinstance(default, tuple):
+    return isinstance(value, (tuple, list)) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool)
+        for v in value)
+  return isinstance(value, type(default))
+
+
+def _numbers(value) -> list:
+  """The numbers in a scalar or tuple field (none for str and bool)."""
+  values = value if isinstance(value, (tuple, list)) else [value]
+  return [v for v in values
+          if isinstance(v, (int, float)) and not isinstance(v, bool)]
+
+
+def check_fields(c: ml_collections.ConfigDict,
+                 default: Optional[ml_collections.ConfigDict] = None,
+                 prefix: str = '') -> None:
+  """Raises ConfigError for a field `default_config()` lacks (naming the
+  nearest real ones) or a value of the wrong type."""
+  default = default_config() if default is None else default
+  for key, value in c.items():
+    name = prefix + key
+    if key not in default:
+      near = nearest_names(key, list(default.keys()))
+      hint = (f'did you mean {", ".join(prefix + n for n in near)}?' if near
+              else 'see default_config() in nin_jax/config_lib.py.')
+      raise ConfigError(f'config.{name}: no such field; {hint}')
+    expected = default[key]
+    if isinstance(expected, ml_collections.ConfigDict):
+      if not isinstance(value, ml_collections.ConfigDict):
+        raise ConfigError(f'config.{name}={value!r}: must be a group of '
+                          f'fields ({", ".join(expected.keys())}).')
+      check_fields(value, expected, f'{name}.')
+    elif not _type_fits(value, expected):
+      raise ConfigError(f'config.{name}={value!r}: must be '
+                        f'{_type_name(expected)} (default {expected!r}).')
+    elif not all(math.isfinite(v) for v in _numbers(value)):
+      raise ConfigError(f'config.{name}={value!r}: must be finite.')
+  missing = [k for k in default.keys() if k not in c]
+  if missing:
+    raise ConfigError(f'config.{prefix}{missing[0]} is missing; start the '
+                      'config from config_lib.default_config().')
+
+
 def validate_config(c: ml_collections.ConfigDict,
                     num_devices: Optional[int] = None) -> None:
   """Raises ConfigError naming the first invalid field of `c`.
 
   `num_devices`: the global device count the batch is split over.
   """
+  check_fields(c)
   _check(c.preset in models.PRESETS, 'preset', c.preset,
          f'must be one of {sorted(models.PRESETS)}')
   parse_dataset(c.dataset)
@@ -195,6 +279,7 @@ def validate_config(c: ml_collections.ConfigDict,
            'must be a positive integer, or -1 to use num_epochs')
   _check(c.translate_pixels >= 0, 'translate_pixels', c.translate_pixels,
          'must be >= 0')
+  _check(0 <= c.seed < 2**31, 'seed', c.seed, 'must be in [0, 2**31)')
   _check_streamed(c)
   if num_devices is not None:
     for field in ('batch_size', 'eval_batch_size'):
@@ -208,6 +293,8 @@ def _check_streamed(c: ml_collections.ConfigDict) -> None:
   for field in ('image_size', 'data_workers'):
     _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
            'must be a non-negative integer (0 = default)')
+  _check(c.data_workers <= MAX_DATA_WORKERS, 'data_workers', c.data_workers,
+         f'must be at most {MAX_DATA_WORKERS} threads (0 = one per core)')
   if not is_streamed(c.dataset):
     _check(c.image_size == 0, 'image_size', c.image_size,
            f'only streamed datasets ({["tfds:" + n for n in STREAMED_TFDS]}) '
@@ -224,10 +311,32 @@ def _check_streamed(c: ml_collections.ConfigDict) -> None:
          f'(its test labels are not public); set it to False')
 
 
+def check_conv_impl(c: ml_collections.ConfigDict, backend: str) -> None:
+  """Raises ConfigError if config.model.conv_impl='onednn' cannot be honoured
+  on `backend` (jax.default_backend()), before anything is compiled."""
+  if c.model.conv_impl != 'onednn':
+    return
+  fix = ("use config.model.conv_impl='auto' (oneDNN where it works, XLA "
+         "elsewhere) or 'xla'")
+  if backend != 'cpu':
+    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
+                      f'run on the CPU backend only and this run is on '
+                      f'{backend}; {fix}.')
+  reason = cpu_kernels.unavailable_reason()
+  if reason is not None:
+    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
+                      f'are unavailable: {reason.splitlines()[0]}; {fix}.')
+
+
 def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
                      channels: int) -> None:
-  """Raises ConfigError if the preset cannot pool an input of this size down."""
+  """Raises ConfigError if the preset cannot pool an input of this size down,
+  or the translation would shift it out of the frame."""
   del channels
+  if c.augment and not is_streamed(c.dataset):
+    _check(c.translate_pixels < min(height, width), 'translate_pixels',
+           c.translate_pixels,
+           f'must be smaller than the {height}x{width} images it shifts')
   blocks = models.PRESETS[c.preset].blocks
   for size in (height, width):
     if models.output_size(blocks, size) < 1:
@@ -237,6 +346,23 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
           f'config.preset={c.preset!r} cannot take {height}x{width} images '
           f'(its convolutions and pools need at least '
           f'{_min_input_size(blocks)} pixels); {fix}.')
+
+
+def check_batch_size(c: ml_collections.ConfigDict,
+                     num_train_examples: int) -> None:
+  """Raises ConfigError if a training batch is larger than the training set."""
+  _check(c.batch_size <= num_train_examples, 'batch_size', c.batch_size,
+         f'is larger than the {num_train_examples} training examples of '
+         f'{c.dataset}; use at most {num_train_examples}')
+
+
+def check_schedule_length(c: ml_collections.ConfigDict,
+                          steps_per_epoch: int) -> None:
+  """Raises ConfigError if the warm-up is longer than a step count can be."""
+  steps = c.warmup_epochs * steps_per_epoch
+  _check(steps < 2**31, 'warmup_epochs', c.warmup_epochs,
+         f'is {steps:.3g} steps ({steps_per_epoch} per epoch), more than '
+         'the 2**31 a step counter holds')
 
 
 def _min_input_size(blocks) -> int:
@@ -262,6 +388,17 @@ def check_workdir(workdir: str) -> None:
                       f'not a writable directory); choose another workdir.')
 
 
+def load_config_file(path: str, *args) -> ml_collections.ConfigDict:
+  """`get_config(*args)` of the config file at `path`."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name = os.path.basename(path).removesuffix('.py')
+  spec = importlib.util.spec_from_file_location(f'nin_jax_config_{name}',
+                                                os.path.abspath(path))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(*args)
+
+
 def sibling_config(this_file: str, name: str,
                    *args) -> ml_collections.ConfigDict:
   """`get_config(*args)` of the config file `name` beside `this_file`.
@@ -269,10 +406,5 @@ def sibling_config(this_file: str, name: str,
   Lets configs/cifar10_aug.py start from configs/cifar10.py without relying
   on the working directory being on sys.path.
   """
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  path = os.path.join(os.path.dirname(os.path.abspath(this_file)), name)
-  spec = importlib.util.spec_from_file_location(
-      f'nin_jax_config_{name.removesuffix(".py")}', path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(*args)
+  return load_config_file(
+      os.path.join(os.path.dirname(os.path.abspath(this_file)), name), *args)

@@ -356,8 +356,8 @@ def train_batch_indices(seed: int, step: int, batch_size: int,
                         num_examples: int) -> np.ndarray:
   """Indices [batch_size] of global training batch `step`."""
   if num_examples < batch_size:
-    rng = np.random.default_rng([seed, step, 1])
-    return rng.choice(num_examples, batch_size, replace=True)
+    raise ValueError(f'a batch of {batch_size} from {num_examples} examples '
+                     '(config_lib.check_batch_size refuses such configs)')
   epoch, i = divmod(step, steps_per_epoch(num_examples, batch_size))
   return epoch_permutation(seed, epoch, num_examples)[i * batch_size:
                                                        (i + 1) * batch_size]

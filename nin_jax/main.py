@@ -2,10 +2,10 @@ r"""Command-line entry point: `python -m nin_jax.main --config=C --workdir=W`.
 
 Intentionally short: it parses flags, joins a multi-process run when asked to,
 logs the devices and hands the config to `train.train_and_evaluate`.
-Override any config field with `--config.FIELD=VALUE`.
+Override any config field with `--config.FIELD=VALUE`. Every user error
+(a misspelt field, a bad value, a missing file) is one line on stderr and
+exit status 2; a non-finite loss is exit status 3.
 """
-
-import sys
 
 from absl import app
 from absl import flags
@@ -13,6 +13,7 @@ from absl import logging
 import jax
 from ml_collections import config_flags
 
+from nin_jax import cli
 from nin_jax import config_lib
 from nin_jax import runtime
 
@@ -33,14 +34,23 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'unexpected arguments {argv[1:]}: every setting is a flag, '
+             '--config=FILE --workdir=DIR [--config.FIELD=VALUE ...].')
   logging.get_absl_handler().addFilter(runtime.QuietLibraries())
+  try:
+    config_lib.validate_config(FLAGS.config)
+  except config_lib.ConfigError as e:
+    cli.fail(str(e))
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
     runtime.configure_cpu(
         (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
         FLAGS.config.cpu_devices)
-  runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
-                     FLAGS.process_id, FLAGS.distributed)
+  try:
+    runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
+                       FLAGS.process_id, FLAGS.distributed)
+  except (ValueError, RuntimeError) as e:
+    cli.fail(f'joining the distributed runtime failed ({e}); check '
+             '--coordinator_address, --num_processes and --process_id.')
   # pylint: disable=g-import-not-at-top
   from nin_jax import checkpoints
   from nin_jax import input_pipeline
@@ -55,12 +65,10 @@ def main(argv):
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   except (config_lib.ConfigError, input_pipeline.DataError,
-          checkpoints.CheckpointMismatchError, train.NonFiniteError) as e:
-    logging.error('%s', e)
-    print(f'nin_jax: error: {e}', file=sys.stderr)
-    sys.exit(2 if not isinstance(e, train.NonFiniteError) else 3)
+          checkpoints.CheckpointError, train.NonFiniteError) as e:
+    cli.fail(str(e), 3 if isinstance(e, train.NonFiniteError) else 2)
   logging.info('Done: %s', result)
 
 
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=cli.parse_flags)

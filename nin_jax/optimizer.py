@@ -63,8 +63,10 @@ def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
   if c.schedule in ('constant', 'plateau'):
     main = optax.constant_schedule(lr)
   elif c.schedule == 'step':
-    boundaries = {int(round(e * steps_per_epoch)) - warmup: c.lr_decay
-                  for e in c.lr_boundaries_epochs}
+    # Boundaries after the last step never act (and may not fit in int32).
+    boundaries = {b: c.lr_decay for b in (
+        int(round(e * steps_per_epoch)) - warmup
+        for e in c.lr_boundaries_epochs) if b <= num_steps}
     main = optax.piecewise_constant_schedule(lr, boundaries)
   elif c.schedule == 'cosine':
     main = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
@@ -110,12 +112,22 @@ def create_optimizer(c: ml_collections.ConfigDict, params: Any,
   return optax.chain(*parts), schedule
 
 
+def _is_plateau(x: Any) -> bool:
+  return isinstance(x, optax.contrib.ReduceLROnPlateauState)
+
+
+def without_plateau_state(opt_state: Any) -> Any:
+  """`opt_state` less reduce_on_plateau's bookkeeping, whose best value starts
+  at +inf: what must stay finite (momentum, counts)."""
+  return jax.tree.map(lambda x: None if _is_plateau(x) else x, opt_state,
+                      is_leaf=_is_plateau)
+
+
 def current_learning_rate(schedule: Schedule, opt_state: Any,
                           step: jax.Array) -> jax.Array:
   """The learning rate in effect at `step`, plateau reductions included."""
   lr = jnp.asarray(schedule(step), jnp.float32)
-  is_plateau = lambda x: isinstance(x, optax.contrib.ReduceLROnPlateauState)
-  for leaf in jax.tree.leaves(opt_state, is_leaf=is_plateau):
-    if is_plateau(leaf):
+  for leaf in jax.tree.leaves(opt_state, is_leaf=_is_plateau):
+    if _is_plateau(leaf):
       lr = lr * jnp.asarray(leaf.scale, jnp.float32)
   return lr

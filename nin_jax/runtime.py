@@ -114,7 +114,8 @@ def cpu_device_count_to_set(environ: Mapping[str, str],
   if num_cpu_devices >= 0:
     return None
   divisor = math.gcd(*batch_sizes) if batch_sizes else target
-  count = max(n for n in range(1, target + 1) if divisor % n == 0)
+  count = max(n for n in range(1, min(target, divisor) + 1)
+              if divisor % n == 0)
   return count if count > 1 else None
 
 

@@ -134,17 +134,20 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
   param_updates, opt_state = tx.update(grads, state.opt_state, state.params,
                                        **extra)
   grad_norm = optax.tree.norm(grads)
-  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  params = optax.apply_updates(state.params, param_updates)
+  batch_stats = updates.get('batch_stats', state.batch_stats)
+  # A finite gradient can still overflow the parameters, the momentum or the
+  # BatchNorm statistics, so the new state itself is checked too.
+  finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm) & all_finite(
+      (params, batch_stats, optimizer_lib.without_plateau_state(opt_state))))
   # A non-finite step leaves params, statistics and optimizer state as they
   # were, so nothing non-finite can reach a checkpoint.
   keep_if_bad = lambda new, old: jax.tree.map(
       lambda n, o: jnp.where(finite, n, o), new, old)
   new_state = state.replace(
       step=state.step + 1,
-      params=keep_if_bad(optax.apply_updates(state.params, param_updates),
-                         state.params),
-      batch_stats=keep_if_bad(updates.get('batch_stats', state.batch_stats),
-                              state.batch_stats),
+      params=keep_if_bad(params, state.params),
+      batch_stats=keep_if_bad(batch_stats, state.batch_stats),
       opt_state=keep_if_bad(opt_state, state.opt_state))
   metrics = {
       'loss': loss, 'accuracy': accuracy, 'grad_norm': grad_norm,
@@ -154,6 +157,13 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
       'finite': finite,
   }
   return new_state, metrics
+
+
+def all_finite(tree: Any) -> jax.Array:
+  """True iff every element of every floating-point leaf of `tree` is finite."""
+  checks = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(jnp.asarray(x).dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
@@ -170,7 +180,13 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
 def evaluate(eval_fn: Callable, state: TrainState,
              split: input_pipeline.AnySplit, batch_size: int,
              sharding: NamedSharding) -> dict[str, float]:
-  """Loss, accuracy and error over every example of `split`, each once."""
+  """Loss, accuracy and error over every example of `split`, each once.
+
+  A `batch_size` beyond the split (rounded up to the device count) shrinks to
+  it: the padding would only be masked out.
+  """
+  devices = sharding.mesh.size
+  batch_size = min(batch_size, -(-len(split) // devices) * devices)
   totals = None
   batches = input_pipeline.eval_batches(split, batch_size, sharding)
   try:
@@ -352,13 +368,16 @@ class TrainLog:
   def add(self, step: int, m: dict[str, Any], last_good: str) -> None:
     """Takes the host metrics of train step `step` (0-based)."""
     if not bool(m['finite']):
+      loss, norm = float(m['loss']), float(m['grad_norm'])
+      reason = (f'loss {loss}, gradient norm {norm} is not finite'
+                if not (math.isfinite(loss) and math.isfinite(norm)) else
+                'the update overflowed the parameters, momentum or BatchNorm '
+                f'statistics (loss {loss}, gradient norm {norm})')
       if self.c.skip_nonfinite_steps:
-        logging.warning('Step %d: non-finite loss %s or gradient norm %s; '
-                        'step skipped.', step, m['loss'], m['grad_norm'])
+        logging.warning('Step %d: %s; step skipped.', step, reason)
       else:
         raise NonFiniteError(
-            f'Step {step}: loss {float(m["loss"])}, gradient norm '
-            f'{float(m["grad_norm"])} is not finite; stopped. The last good '
+            f'Step {step}: {reason}; stopped. The last good '
             f'checkpoint is {last_good}. Lower config.learning_rate or use '
             f"config.model.weight_init='modern'.")
     else:
@@ -444,11 +463,15 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   """
   num_devices = jax.device_count()
   config_lib.validate_config(c, num_devices)
+  config_lib.check_conv_impl(c, jax.default_backend())
   config_lib.check_workdir(workdir)
   check_resume_compatible(c, workdir)
   dataset = input_pipeline.load_dataset(
       c, models.PRESETS[c.preset].num_classes)
   config_lib.check_image_size(c, *dataset.image_shape)
+  config_lib.check_batch_size(c, len(dataset.train))
+  config_lib.check_schedule_length(
+      c, input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size))
 
   trainer = create_trainer(c, dataset.image_shape, len(dataset.train))
   train_fn, eval_fn = trainer.train_fn, trainer.eval_fn

@@ -21,13 +21,6 @@ def repo_root() -> pathlib.Path:
 
 @pytest.fixture
 def quickstart_config():
-  """The quick-start config, shortened for tests."""
+  """The quick-start config, for tests to shorten."""
   from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  spec = importlib.util.spec_from_file_location(
-      'quickstart_config', REPO / 'configs' / 'quickstart.py')
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  del config_lib
-  return config
+  return config_lib.load_config_file(str(REPO / 'configs' / 'quickstart.py'))

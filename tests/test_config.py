@@ -18,13 +18,10 @@ CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py'))
 
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_shipped_config_is_valid(name):
-  import importlib.util
-  spec = importlib.util.spec_from_file_location(name, REPO / 'configs' / name)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
-  config_lib.validate_config(config, num_devices=1)
-  assert module.__doc__ and 'python -m nin_jax.main' in module.__doc__
+  path = REPO / 'configs' / name
+  config_lib.validate_config(config_lib.load_config_file(str(path)),
+                             num_devices=1)
+  assert 'python -m nin_jax.main' in path.read_text().split('"""')[1]
 
 
 BAD_FIELDS = [
@@ -172,3 +169,20 @@ def test_cli_unknown_field_and_bad_value(tmp_path):
   assert "config.preset='vgg'" in out.stderr
   assert 'Traceback' not in out.stderr
   assert not (tmp_path / 'b').exists()
+
+
+def test_conv_impl_is_validated_and_free_to_change_on_resume(
+    quickstart_config, tmp_path):
+  c = quickstart_config
+  c.model.conv_impl = 'mkldnn'
+  with pytest.raises(config_lib.ConfigError, match='model.conv_impl'):
+    config_lib.validate_config(c)
+  c.model.conv_impl = 'xla'
+  workdir = tmp_path / 'run'
+  train.write_config(c, str(workdir))
+  (workdir / 'checkpoints' / '5').mkdir(parents=True)
+  c.model.conv_impl = 'auto'
+  train.check_resume_compatible(c, str(workdir))
+  c.model.head = 'fc'
+  with pytest.raises(config_lib.ConfigError, match='model'):
+    train.check_resume_compatible(c, str(workdir))
