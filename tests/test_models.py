@@ -1,5 +1,6 @@
 """Tests of the NiN modules: presets, pooling semantics, heads, reuse."""
 
+import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -166,7 +167,7 @@ def test_dropout_only_in_train_mode():
   c = model.apply(variables, x, train=True,
                   rngs={'dropout': jax.random.key(3)})
   assert not np.allclose(b, c)
-  with pytest.raises(Exception):
+  with pytest.raises(flax.errors.InvalidRngError, match='dropout'):
     model.apply(variables, x, train=True)
 
 
@@ -244,3 +245,39 @@ def test_bernoulli_mask_rates_and_dropout_scaling():
   assert set(np.unique(np.asarray(y))) == {0.0, 2.0}
   np.testing.assert_array_equal(models.Dropout(0.5, deterministic=True).apply(
       {}, x), x)
+
+
+@pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
+def test_batch_norm_matches_flax(dtype):
+  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 12)) * 3 + 1
+  g = jax.random.normal(jax.random.key(1), (16, 6, 6, 12))
+  ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
+                     dtype=dtype)
+  ours = models.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  variables = ref.init(jax.random.key(2), x)
+  assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
+      jnp.shape, ours.init(jax.random.key(2), x, train=True))
+  params = {'scale': jnp.linspace(0.5, 2, 12), 'bias': jnp.linspace(-1, 1, 12)}
+
+  def run(module, **kw):
+    def loss(x, p):
+      y, new = module.apply({'params': p, **variables}, x,
+                            mutable=['batch_stats'], **kw)
+      return jnp.sum(jax.nn.relu(y).astype(jnp.float32) * g), (y, new)
+    return jax.value_and_grad(loss, (0, 1), has_aux=True)(x, params)
+
+  (ref_loss, (ref_y, ref_stats)), ref_grads = run(ref)
+  (our_loss, (our_y, our_stats)), our_grads = jax.jit(
+      lambda: run(ours, train=True))()
+  assert our_y.dtype == ref_y.dtype
+  np.testing.assert_allclose(our_y.astype(float), ref_y.astype(float),
+                             atol=1e-5)
+  for a, b in zip(jax.tree.leaves((our_grads, our_stats)),
+                  jax.tree.leaves((ref_grads, ref_stats))):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  evaluated = [m.apply({'params': params, **ref_stats}, x, **kw)
+               for m, kw in ((nn.BatchNorm(use_running_average=True,
+                                           dtype=dtype), {}),
+                             (ours, {'train': False}))]
+  np.testing.assert_allclose(evaluated[0].astype(float),
+                             evaluated[1].astype(float), atol=1e-6)

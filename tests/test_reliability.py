@@ -7,11 +7,14 @@ bit-identical parameters and optimizer state.
 import json
 import os
 import pathlib
+import random
+import re
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import jax
 import numpy as np
@@ -29,10 +32,13 @@ ARGS = ['--config=configs/quickstart.py', f'--config.num_train_steps={STEPS}',
 # Runs nin_jax.main with a fault injected at a chosen point, in-process:
 #   step:N   SIGKILL while logging train step N (between steps)
 #   save:N   SIGKILL right after the save of step N started (write in flight)
+#   save:N:S SIGKILL S seconds after the save of step N started (training and
+#            the asynchronous write go on meanwhile)
 #   eval:K   SIGKILL inside the K-th evaluation, after its first batch ran
 FAULT_RUNNER = r'''
-import os, signal, sys
+import os, signal, sys, threading
 kind, _, when = os.environ.get('NIN_JAX_TEST_FAULT', ':').partition(':')
+when, _, delay = when.partition(':')
 when = int(when or 0)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 from nin_jax import checkpoints, input_pipeline, metric_writers
@@ -47,7 +53,9 @@ if kind == 'save':
   save = checkpoints.save
   def save_then_die(manager, step, state, force=False):
     result = save(manager, step, state, force)
-    if step == when:
+    if step == when and delay:
+      threading.Timer(float(delay), die).start()
+    elif step == when:
       die()
     return result
   checkpoints.save = save_then_die
@@ -120,12 +128,68 @@ def launch_until(workdir, ready):
   return proc
 
 
-def test_sigkill_at_five_points_then_bit_identical(reference, tmp_path):
+def newest_complete_checkpoint(workdir) -> Optional[int]:
+  """The newest step whose checkpoint plain orbax reads back whole (found
+  without nin_jax's restore logic), or None."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  if not directory.exists():
+    return None
+  for step in sorted((int(p.name) for p in directory.iterdir()
+                      if p.name.isdigit()), reverse=True):
+    try:
+      state = checkpoints.read_numpy(str(directory / str(step) / 'default'))
+    except Exception:  # pylint: disable=broad-except
+      continue
+    if int(state['step']) == step:
+      return step
+  return None
+
+
+def resumed_from(err) -> Optional[int]:
+  """The step a run's log says it resumed from; None for a fresh start."""
+  found = re.findall(r'Resumed from the checkpoint at step (\d+)', err)
+  assert len(found) <= 1, found
+  return int(found[0]) if found else None
+
+
+def launch_and_check_resume(workdir, fault=None):
+  """Runs to the end or the fault; asserts that it resumed from the newest
+  complete checkpoint on disk when it started. Returns (code, err)."""
+  expected = newest_complete_checkpoint(workdir)
+  code, err = finish(launch(workdir, fault))
+  assert resumed_from(err) == expected, (fault, expected, err[-3000:])
+  return code, err
+
+
+def test_sigkill_at_five_points_resumes_each_time_then_bit_identical(
+    reference, tmp_path):
   workdir = tmp_path / 'killed'
   for fault in ('step:3', 'save:12', 'eval:1', 'step:17', 'save:24'):
-    code, err = finish(launch(workdir, fault))
+    code, err = launch_and_check_resume(workdir, fault)
     assert code == -signal.SIGKILL, (fault, err[-3000:])
-  code, err = finish(launch(workdir))
+  code, err = launch_and_check_resume(workdir)
+  assert code == 0, err[-3000:]
+  assert_identical(final_state(workdir), reference)
+
+
+def test_sigkill_at_random_moments_during_and_between_saves(reference,
+                                                            tmp_path):
+  """Kills at seeded random moments: inside the asynchronous writes of the
+  saves at steps 6, 12 and 18, and from outside at a random wall time."""
+  rng = random.Random(13)
+  workdir = tmp_path / 'random'
+  for step in (6, 12, 18):
+    code, err = launch_and_check_resume(
+        workdir, f'save:{step}:{rng.uniform(0.0, 0.3):.3f}')
+    assert code in (-signal.SIGKILL, 0), err[-3000:]
+  expected = newest_complete_checkpoint(workdir)
+  proc = launch(workdir)
+  time.sleep(rng.uniform(0.5, 4.0))
+  proc.kill()
+  _, err = proc.communicate()
+  # None: killed before it got as far as restoring.
+  assert resumed_from(err) in (expected, None), (expected, err[-3000:])
+  code, err = launch_and_check_resume(workdir)
   assert code == 0, err[-3000:]
   assert_identical(final_state(workdir), reference)
 
@@ -135,7 +199,7 @@ def test_sigkill_from_outside_at_an_arbitrary_moment(reference, tmp_path):
   proc = launch_until(workdir, lambda lines: len(lines) >= 10)
   proc.kill()
   proc.communicate()
-  code, err = finish(launch(workdir))
+  code, err = launch_and_check_resume(workdir)
   assert code == 0, err[-3000:]
   assert_identical(final_state(workdir), reference)
 

@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -142,10 +141,10 @@ spec = importlib.util.spec_from_file_location('q', sys.argv[1])
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 from nin_jax import train, metric_writers
 c = m.get_config()
-c.num_train_steps = 12
+c.num_train_steps = 3
 c.log_every_steps = 1
-c.eval_every_steps = 6
-c.checkpoint_every_steps = 6
+c.eval_every_steps = 3
+c.checkpoint_every_steps = 3
 result = train.train_and_evaluate(c, sys.argv[2])
 losses = [r['loss'] for r in metric_writers.read_metrics(sys.argv[2])
           if r['split'] == 'train']
@@ -169,50 +168,89 @@ def test_eight_devices_match_one(tmp_path):
   one = run_on_devices(1, tmp_path / 'one')
   eight = run_on_devices(8, tmp_path / 'eight')
   assert (one['devices'], eight['devices']) == (1, 8)
-  assert len(one['losses']) == 12
-  # Same masks and batches; only the summation order of the batch means
-  # differs. The updates amplify that rounding step by step (1e-6 at step 4,
-  # up to 3e-4 at step 12), so early steps are held tighter than late ones.
-  np.testing.assert_allclose(eight['losses'][:8], one['losses'][:8], rtol=5e-5)
-  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=2e-3)
-  np.testing.assert_allclose(eight['eval'], one['eval'], rtol=2e-3)
+  assert len(one['losses']) == 3
+  # Same masks, batches and dropout keys; only the summation order of the
+  # batch means differs, by float rounding. Updates amplify that rounding
+  # step by step, so only the first three steps (and the evaluation after
+  # them) are compared, where it is still about 1e-7 relative.
+  np.testing.assert_allclose(eight['losses'], one['losses'], rtol=1e-5)
+  np.testing.assert_allclose(eight['eval'], one['eval'], rtol=1e-5)
 
 
-def test_nonfinite_loss_stops_with_the_step(quickstart_config, tmp_path):
-  c = short(quickstart_config, steps=20, learning_rate=1e30)
-  c.model.batch_norm = False
-  with pytest.raises(train.NonFiniteError, match=r'Step \d+'):
-    train.train_and_evaluate(c, str(tmp_path / 'nan'))
+def saved_states(workdir):
+  """{step: state} of every checkpoint on disk, read with plain orbax."""
+  directory = pathlib.Path(workdir) / 'checkpoints'
+  return {int(p.name): ocp.StandardCheckpointer().restore(p / 'default')
+          for p in directory.iterdir() if p.name.isdigit()}
 
 
-def test_stall_detector_needs_flat_loss_and_equal_logits():
-  detector = train.StallDetector(10, patience=2)
-  ln10 = float(np.log(10))
-  assert not detector.update(ln10, 0.5, 1)  # Flat loss, logits still differ.
-  assert not detector.update(ln10, 0.0, 2)
-  assert detector.update(ln10 + 1e-4, 0.0, 3) and detector.warned
-  assert not detector.update(1.0, 0.0, 4)
+def assert_all_finite(states):
+  """Every saved leaf is finite, except reduce_on_plateau's best value, which
+  is +inf until the first epoch ends (optax's bookkeeping, no overflow)."""
+  checked = 0
+  for step, state in states.items():
+    for path, x in jax.tree_util.tree_leaves_with_path(state):
+      name = jax.tree_util.keystr(path)
+      if 'best_value' not in name:
+        assert np.isfinite(np.asarray(x)).all(), (step, name)
+        checked += 1
+  assert checked > 0
 
 
-def test_classic_stall_is_reported(quickstart_config, tmp_path, caplog):
-  c = short(quickstart_config, steps=60, log_every_steps=5)
-  c.model.batch_norm = False
-  c.model.weight_init = 'faithful'
-  c.learning_rate = 0.1
-  train.train_and_evaluate(c, str(tmp_path / 'stall'))
-  assert any('classic NiN stall' in r.getMessage() for r in caplog.records)
+def overflowing_run(config, tmp_path, schedule='step', **fields):
+  """Trains 4 good steps (a checkpoint after each), then resumes to step 8
+  at a learning rate whose float32 value is infinite: the loss and gradient
+  of step 4 are finite, but the update overflows the parameters."""
+  c = short(config, steps=4, checkpoint_every_steps=1, keep_checkpoints=20,
+            schedule=schedule)
+  workdir = str(tmp_path / 'overflow')
+  train.train_and_evaluate(c, workdir)
+  c.num_train_steps, c.learning_rate = 8, 1e300
+  c.update(fields)
+  return c, workdir
 
 
-def test_skip_nonfinite_steps_continues_with_finite_state(quickstart_config,
-                                                          tmp_path):
+# 'plateau' keeps a best value that starts at +inf in its optimizer state:
+# not an overflow.
+@pytest.mark.parametrize('schedule', ['step', 'plateau'])
+def test_update_that_overflows_is_stopped_and_never_saved(quickstart_config,
+                                                          tmp_path, schedule):
+  c, workdir = overflowing_run(quickstart_config, tmp_path, schedule)
+  with pytest.raises(train.NonFiniteError,
+                     match=r'Step 4: the update overflowed.*step 4 in'):
+    train.train_and_evaluate(c, workdir)
+  states = saved_states(workdir)
+  assert sorted(states) == [1, 2, 3, 4]
+  assert_all_finite(states)
+
+
+def test_skip_mode_keeps_the_last_finite_state(quickstart_config, tmp_path,
+                                               caplog):
+  c, workdir = overflowing_run(quickstart_config, tmp_path,
+                               skip_nonfinite_steps=True)
+  assert train.train_and_evaluate(c, workdir)['step'] == 8
+  assert sum('the update overflowed' in r.getMessage()
+             for r in caplog.records) == 4
+  states = saved_states(workdir)
+  assert sorted(states) == list(range(1, 9))
+  assert_all_finite(states)
+  for step in range(5, 9):  # Every step skipped: the step-4 state, unchanged.
+    assert int(states[step]['step']) == step
+    for name in ('params', 'batch_stats', 'opt_state'):
+      jax.tree.map(np.testing.assert_array_equal, states[step][name],
+                   states[4][name])
+
+
+def test_nonfinite_loss_in_skip_mode_saves_only_finite_state(
+    quickstart_config, tmp_path):
   c = short(quickstart_config, steps=6, learning_rate=1e30,
-            skip_nonfinite_steps=True)
+            skip_nonfinite_steps=True, checkpoint_every_steps=2)
   c.model.batch_norm = False
   result = train.train_and_evaluate(c, str(tmp_path / 'skip'))
   assert result['step'] == 6
-  state = ocp.StandardCheckpointer().restore(
-      tmp_path / 'skip' / 'checkpoints' / '6' / 'default')
-  assert all(np.isfinite(x).all() for x in jax.tree.leaves(state))
+  states = saved_states(tmp_path / 'skip')
+  assert sorted(states) == [2, 4, 6]
+  assert_all_finite(states)
 
 
 def test_relative_workdir(quickstart_config, tmp_path, monkeypatch):
