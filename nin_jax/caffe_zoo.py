@@ -67,7 +67,6 @@ IGNORED_TYPES = ('Data', 'ImageData', 'Input', 'MemoryData', 'HDF5Data',
                  'Softmax', 'Split', 'Silence', 'Flatten')
 
 
-
 # --------------------------------------------------------------- matching --
 
 @dataclasses.dataclass(frozen=True)
