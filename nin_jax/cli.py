@@ -1,5 +1,6 @@
-"""Command-line plumbing shared by the entry points: flag parsing whose every
-failure is one line naming the flag and the fix, never a traceback.
+"""What the command-line entry points share: flag parsing whose every failure
+is one line naming the flag and the fix, quiet library logs, and one-line
+errors for a user's mistakes, never a traceback.
 
 ml_collections reports a misspelt `--config.FIELD` as an AttributeError or
 KeyError traceback, and a config file that fails to load as a multi-line
@@ -9,21 +10,64 @@ before anything is compiled or written.
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from typing import NoReturn, Optional, Sequence
+from typing import Iterator, NoReturn, Optional, Sequence
 
 import ml_collections
 from absl import flags
+from absl import logging
 
+from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import input_pipeline
+from nin_jax import runtime
 
-USAGE_ERROR = 2
+# A user's mistake (a bad flag, config, workdir or data file): one line,
+# exit status 2.
+USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
+               checkpoints.CheckpointError)
+USER_ERROR_STATUS = 2
 
 
-def fail(message: str, status: int = USAGE_ERROR) -> NoReturn:
-  """Prints `nin_jax: error: MESSAGE` (one line) to stderr and exits."""
+def error_line(message: str) -> None:
+  """Prints `nin_jax: error: MESSAGE` on stderr, on one line."""
   print(f'nin_jax: error: {" ".join(message.split())}', file=sys.stderr)
+
+
+def fail(message: str, status: int = USER_ERROR_STATUS) -> NoReturn:
+  """`error_line(message)`, then exits with `status`."""
+  error_line(message)
   sys.exit(status)
+
+
+def check_no_arguments(argv: Sequence[str]) -> None:
+  """Fails on positional arguments: every setting of these commands is a flag."""
+  if len(argv) > 1:
+    fail(f'unexpected arguments {list(argv[1:])}: every setting is a flag '
+         '(--helpshort lists them).')
+
+
+class _NoItemMetadataWarning(logging.logging.Filter):
+  """Drops orbax's warning that a checkpoint's item directory (which
+  checkpoints.read_numpy reads with plain orbax) has no step metadata: it
+  never has, and nothing is wrong."""
+
+  def filter(self, record):
+    return 'Metadata file does not exist' not in record.getMessage()
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+  """Runs a command's body: orbax's chatter dropped, and a USER_ERRORS
+  exception reported as one line (no traceback) with exit status 2."""
+  handler = logging.get_absl_handler()
+  handler.addFilter(runtime.QuietLibraries())
+  handler.addFilter(_NoItemMetadataWarning())
+  try:
+    yield
+  except USER_ERRORS as e:
+    fail(str(e))
 
 
 def parse_flags(argv: Sequence[str],

@@ -43,9 +43,14 @@ from nin_jax import preprocessing
 if TYPE_CHECKING:
   from nin_jax import streaming  # pylint: disable=g-bad-import-order
 
-# The fixed ImageNet statistics of streamed datasets, in uint8 pixel units.
-IMAGENET_MEAN = tuple(255 * m for m in (0.485, 0.456, 0.406))
-IMAGENET_STD = tuple(255 * s for s in (0.229, 0.224, 0.225))
+# The fixed ImageNet statistics of streamed datasets, pixels scaled to [0, 1].
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+# The largest raw pixel value: uint8 images, scikit-learn's digits.
+PIXEL_MAX_VALUE = 255.0
+DIGITS_MAX_VALUE = 16.0
+CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
+                   'frog', 'horse', 'ship', 'truck')
 
 
 class RowKeys(NamedTuple):
@@ -87,12 +92,15 @@ AnySplit = Union[Split, 'streaming.StreamSplit']
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-  """A train split, an evaluation split (test or held-out validation)."""
+  """A train split, an evaluation split (test or held-out validation), and
+  the normalization fitted on the train split (`fitted`), which in-memory
+  splits have already been through and streamed ones get on device."""
   name: str
   train: AnySplit
   eval: AnySplit
   num_classes: int
   eval_name: str = 'test'
+  fitted: Optional[preprocessing.Fitted] = None
 
   @property
   def image_shape(self) -> tuple[int, int, int]:
@@ -128,8 +136,9 @@ def load_digits(seed: int = 0, test_fraction: float = 0.2
 NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
 
 
-def _read_npz(path: str) -> list[np.ndarray]:
-  """The arrays NPZ_KEYS of `path`, read without pickle, or DataError."""
+def _read_npz(path: str, keys: tuple[str, ...] = NPZ_KEYS
+              ) -> list[np.ndarray]:
+  """The arrays `keys` of `path`, read without pickle, or DataError."""
   if not os.path.isfile(path):
     raise DataError(f'config.dataset=npz:{path}: no such file; point it at a '
                     f'.npz with keys {NPZ_KEYS}.')
@@ -145,11 +154,11 @@ def _read_npz(path: str) -> list[np.ndarray]:
                     f'y_test=...).')
   try:
     with np.load(path, allow_pickle=False) as f:
-      missing = [k for k in NPZ_KEYS if k not in f.files]
+      missing = [k for k in keys if k not in f.files]
       if missing:
         raise DataError(f'{path}: missing keys {missing}; found {f.files}, '
-                        f'need {NPZ_KEYS}.')
-      return [f[k] for k in NPZ_KEYS]
+                        f'need {keys}.')
+      return [f[k] for k in keys]
   except ValueError as e:
     if isinstance(e, DataError):
       raise
@@ -194,19 +203,31 @@ def _check_labels_shape(path: str, key: str, y: np.ndarray,
   return flat.astype(np.int32)
 
 
+def _check_split(path: str, split: str, x: np.ndarray, y: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  x = _check_images(path, f'x_{split}', x)
+  return x, _check_labels_shape(path, f'y_{split}', y, x.shape[0])
+
+
+def load_npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """Reads and checks one split ('train' or 'test') of a Keras-layout .npz,
+  and only its arrays: images [n, h, w, c] uint8 (3-D images gain a channel
+  axis), labels [n] int32."""
+  return _check_split(path, split,
+                      *_read_npz(path, (f'x_{split}', f'y_{split}')))
+
+
 def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
                                  np.ndarray]:
-  """Reads and checks a Keras-layout .npz: images [n, h, w, c] uint8, labels
-  [n] int32; 3-D images gain a channel axis."""
+  """Reads and checks a Keras-layout .npz: (x_train, y_train, x_test, y_test)
+  as `load_npz_split` reads them, images of the same shape."""
   x_train, y_train, x_test, y_test = _read_npz(path)
-  x_train = _check_images(path, 'x_train', x_train)
-  x_test = _check_images(path, 'x_test', x_test)
+  x_train, y_train = _check_split(path, 'train', x_train, y_train)
+  x_test, y_test = _check_split(path, 'test', x_test, y_test)
   if x_train.shape[1:] != x_test.shape[1:]:
     raise DataError(f'{path}: x_train images are {x_train.shape[1:]} but '
                     f'x_test images are {x_test.shape[1:]}; both must have '
                     f'the same [height, width, channels].')
-  y_train = _check_labels_shape(path, 'y_train', y_train, x_train.shape[0])
-  y_test = _check_labels_shape(path, 'y_test', y_test, x_test.shape[0])
   return x_train, y_train, x_test, y_test
 
 
@@ -230,10 +251,16 @@ def check_labels(raw: RawData, num_classes: int, source: str) -> None:
   """Raises DataError if a label is outside [0, num_classes)."""
   for key, y in (('train', raw.y_train), ('test', raw.y_test),
                  ('extra', raw.y_extra)):
-    if y is not None and y.size and (y.min() < 0 or y.max() >= num_classes):
-      raise DataError(f'{source}: {key} labels span [{y.min()}, {y.max()}] '
-                      f'but the preset has {num_classes} classes; labels '
-                      f'must be in [0, {num_classes - 1}].')
+    if y is not None:
+      _check_label_range(source, key, y, num_classes)
+
+
+def _check_label_range(source: str, key: str, y: np.ndarray,
+                       num_classes: int) -> None:
+  if y.size and (y.min() < 0 or y.max() >= num_classes):
+    raise DataError(f'{source}: {key} labels span [{y.min()}, {y.max()}] '
+                    f'but the preset has {num_classes} classes; labels '
+                    f'must be in [0, {num_classes - 1}].')
 
 
 def load_raw(c: ml_collections.ConfigDict) -> RawData:
@@ -244,15 +271,17 @@ def load_raw(c: ml_collections.ConfigDict) -> RawData:
                     f"extra split; only 'tfds:svhn_cropped' has one. Set it "
                     f'to False.')
   if kind == 'sklearn':
-    return RawData(*load_digits(), max_value=16.0)
+    return RawData(*load_digits(), max_value=DIGITS_MAX_VALUE)
   if kind == 'npz':
-    return RawData(*load_npz(os.path.expanduser(name)), max_value=255.0)
+    return RawData(*load_npz(os.path.expanduser(name)),
+                   max_value=PIXEL_MAX_VALUE)
   from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
   splits = tfds_source.load_arrays(name, c.data_dir or None,
                                    with_extra=c.use_extra_split)
   extra = splits.get('extra')
   return RawData(splits['train'].images, splits['train'].labels,
-                 splits['test'].images, splits['test'].labels, 255.0,
+                 splits['test'].images, splits['test'].labels,
+                 PIXEL_MAX_VALUE,
                  extra.images if extra else None,
                  extra.labels if extra else None)
 
@@ -309,6 +338,25 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]
           np.concatenate([y for _, y in parts]))
 
 
+def split_raw(c: ml_collections.ConfigDict, raw: RawData
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
+  """(x_train, y_train, x_eval, y_eval, eval name) of the run: the held-out
+  validation set or the test set, extra and max_train_examples applied."""
+  eval_name = 'test'
+  if c.validation_split:
+    x_train, y_train, x_eval, y_eval = validation_holdout(raw, c.dataset)
+    eval_name = 'validation'
+  else:
+    parts = [(raw.x_train, raw.y_train)]
+    if raw.x_extra is not None:
+      parts.append((raw.x_extra, raw.y_extra))
+    (x_train, y_train), x_eval, y_eval = _concat(parts), raw.x_test, raw.y_test
+  if c.max_train_examples:
+    x_train = x_train[:c.max_train_examples]
+    y_train = y_train[:c.max_train_examples]
+  return x_train, y_train, x_eval, y_eval, eval_name
+
+
 def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
   """Loads, splits and preprocesses `c.dataset` on the host (a streamed
   dataset is only opened: its batches are decoded as they are needed)."""
@@ -317,26 +365,77 @@ def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
     return streaming.load_dataset(c, num_classes)
   raw = load_raw(c)
   check_labels(raw, num_classes, c.dataset)
-  eval_name = 'test'
-  if c.validation_split:
-    x_train, y_train, x_test, y_test = validation_holdout(raw, c.dataset)
-    eval_name = 'validation'
-  else:
-    parts = [(raw.x_train, raw.y_train)]
-    if raw.x_extra is not None:
-      parts.append((raw.x_extra, raw.y_extra))
-    (x_train, y_train), x_test, y_test = _concat(parts), raw.x_test, raw.y_test
-  if c.max_train_examples:
-    x_train = x_train[:c.max_train_examples]
-    y_train = y_train[:c.max_train_examples]
+  x_train, y_train, x_test, y_test, eval_name = split_raw(c, raw)
   max_value = raw.max_value
   del raw
-  train, test = preprocessing.preprocess(x_train, x_test, c.preprocessing,
-                                         max_value, c.cache_dir or None)
+  fitted = preprocessing.fit(x_train, c.preprocessing, max_value,
+                             c.cache_dir or None)
+  train = preprocessing.apply(fitted, x_train)
+  test = preprocessing.apply(fitted, x_test)
   logging.info('Dataset %s: %d train, %d %s images of shape %s', c.dataset,
                len(y_train), len(y_test), eval_name, train.shape[1:])
   return Dataset(c.dataset, Split(train, y_train), Split(test, y_test),
-                 num_classes, eval_name)
+                 num_classes, eval_name, fitted)
+
+
+SPLITS = ('test', 'validation', 'train')
+
+
+def load_raw_test(c: ml_collections.ConfigDict
+                  ) -> tuple[np.ndarray, np.ndarray, float]:
+  """The unprocessed test split of `c.dataset` alone, no training data read:
+  images [n, h, w, c], labels [n] int32 and the largest pixel value."""
+  kind, name = config_lib.parse_dataset(c.dataset)
+  if kind == 'sklearn':
+    _, _, x_test, y_test = load_digits()
+    return x_test, y_test, DIGITS_MAX_VALUE
+  if kind == 'npz':
+    return (*load_npz_split(os.path.expanduser(name), 'test'),
+            PIXEL_MAX_VALUE)
+  from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
+  test = tfds_source.load_arrays(name, c.data_dir or None,
+                                 splits=('test',))['test']
+  return test.images, test.labels, PIXEL_MAX_VALUE
+
+
+def load_split(c: ml_collections.ConfigDict, split: str,
+               fitted: preprocessing.Fitted, num_classes: int) -> Split:
+  """One split of an in-memory `c.dataset`, normalized with `fitted` (never
+  refitted): 'test' (only the test arrays are read), 'validation' (the
+  held-out set of a config.validation_split run) or 'train' (the examples
+  the run trained on)."""
+  if split not in SPLITS:
+    raise DataError(f'split {split!r}: expected one of {SPLITS}.')
+  if split == 'validation' and not c.validation_split:
+    raise DataError(f'{c.dataset}: this run trained on the whole training '
+                    f"set (config.validation_split=False), so it held out no "
+                    f"'validation' split; use 'test'.")
+  if split == 'test':
+    x, y, _ = load_raw_test(c)
+  else:
+    raw = load_raw(c)
+    x_train, y_train, x_eval, y_eval, _ = split_raw(c, raw)
+    x, y = (x_train, y_train) if split == 'train' else (x_eval, y_eval)
+  _check_label_range(c.dataset, split, y, num_classes)
+  return Split(preprocessing.apply(fitted, x), y)
+
+
+def class_names(c: ml_collections.ConfigDict,
+                num_classes: int) -> tuple[str, ...]:
+  """The names of the classes: TFDS's label names, CIFAR-10's for a dataset
+  named cifar10 (TFDS or an npz file of that name), else the class numbers."""
+  kind, name = config_lib.parse_dataset(c.dataset)
+  if kind == 'tfds':
+    from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
+    names = tfds_source.label_names(name, c.data_dir or None)
+    if len(names) == num_classes:
+      return names
+    base = config_lib.tfds_base_name(name)
+  else:
+    base = os.path.splitext(os.path.basename(name))[0]
+  if base == 'cifar10' and num_classes == len(CIFAR10_CLASSES):
+    return CIFAR10_CLASSES
+  return tuple(str(i) for i in range(num_classes))
 
 
 # ---------------------------------------------------------------- batches --
@@ -487,22 +586,17 @@ def device_normalize_fn(c: ml_collections.ConfigDict
   (in-memory splits are normalized on the host once)."""
   if not config_lib.is_streamed(c.dataset):
     return None
+  return preprocessing.normalizer(streamed_fitted(c))
+
+
+def streamed_fitted(c: ml_collections.ConfigDict) -> preprocessing.Fitted:
+  """What a streamed dataset's config.preprocessing stands for: 'standardize'
+  with the fixed ImageNet mean and std, or pixels scaled to [0, 1]."""
   if c.preprocessing == 'standardize':
-    return standardize_imagenet
-  return scale_pixels
-
-
-def standardize_imagenet(images: jax.Array) -> jax.Array:
-  """uint8 [batch, h, w, 3] -> float32, standardized with the ImageNet
-  per-channel mean and std."""
-  mean = jnp.asarray(IMAGENET_MEAN, jnp.float32)
-  std = jnp.asarray(IMAGENET_STD, jnp.float32)
-  return (images.astype(jnp.float32) - mean) / std
-
-
-def scale_pixels(images: jax.Array) -> jax.Array:
-  """uint8 [batch, h, w, c] -> float32 in [0, 1]."""
-  return images.astype(jnp.float32) / 255.0
+    return preprocessing.Fitted(
+        'standardize', PIXEL_MAX_VALUE,
+        {'mean': np.asarray(IMAGENET_MEAN), 'std': np.asarray(IMAGENET_STD)})
+  return preprocessing.Fitted('scale', PIXEL_MAX_VALUE)
 
 
 def describe(dataset: Dataset) -> Optional[str]:

@@ -33,9 +33,7 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def main(argv):
-  if len(argv) > 1:
-    cli.fail(f'unexpected arguments {argv[1:]}: every setting is a flag, '
-             '--config=FILE --workdir=DIR [--config.FIELD=VALUE ...].')
+  cli.check_no_arguments(argv)
   logging.get_absl_handler().addFilter(runtime.QuietLibraries())
   try:
     config_lib.validate_config(FLAGS.config)
@@ -52,8 +50,6 @@ def main(argv):
     cli.fail(f'joining the distributed runtime failed ({e}); check '
              '--coordinator_address, --num_processes and --process_id.')
   # pylint: disable=g-import-not-at-top
-  from nin_jax import checkpoints
-  from nin_jax import input_pipeline
   from nin_jax import train
   # pylint: enable=g-import-not-at-top
   if jax.process_index() > 0:
@@ -64,9 +60,10 @@ def main(argv):
                jax.default_backend())
   try:
     result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  except (config_lib.ConfigError, input_pipeline.DataError,
-          checkpoints.CheckpointError, train.NonFiniteError) as e:
-    cli.fail(str(e), 3 if isinstance(e, train.NonFiniteError) else 2)
+  except cli.USER_ERRORS as e:
+    cli.fail(str(e))
+  except train.NonFiniteError as e:
+    cli.fail(str(e), status=3)
   logging.info('Done: %s', result)
 
 

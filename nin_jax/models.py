@@ -34,10 +34,12 @@ POOLS = ('max', 'avg', 'none')
 FAITHFUL_STDDEV = 0.05
 
 
-def kernel_initializer(init: str) -> Initializer:
-  """Weight initializer: 'faithful' (Gaussian std 0.05, Caffe) or 'modern' (He)."""
+def kernel_initializer(init: str,
+                       stddev: float = FAITHFUL_STDDEV) -> Initializer:
+  """Weight initializer: 'faithful' (Gaussian, std `stddev`, Caffe) or
+  'modern' (He)."""
   if init == 'faithful':
-    return nn.initializers.normal(stddev=FAITHFUL_STDDEV)
+    return nn.initializers.normal(stddev=stddev)
   if init == 'modern':
     return nn.initializers.he_normal()
   raise ValueError(f'init must be one of {INITS}, got {init!r}.')
@@ -279,12 +281,15 @@ class MlpConv(nn.Module):
   `conv_impl`: 'xla', or 'auto'/'onednn' to run the float32 and bfloat16
   stride-1 convolutions with oneDNN on the CPU backend (`cpu_kernels`; same
   results to float tolerance, about 17% faster training on a 2-core CPU).
+  `kernel_inits`, when given, initializes each layer's kernel in turn
+  instead of `kernel_init`.
   """
   features: Sequence[int]
   kernel_size: int = 3
   stride: int = 1
   padding: int = 0
   kernel_init: Initializer = nn.initializers.normal(stddev=FAITHFUL_STDDEV)
+  kernel_inits: Sequence[Initializer] = ()
   bias_init: Initializer = nn.initializers.zeros_init()
   batch_norm: bool = False
   final_relu: bool = True
@@ -296,20 +301,25 @@ class MlpConv(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array:
     if not self.features:
       raise ValueError('MlpConv.features must list at least one width.')
+    if self.kernel_inits and len(self.kernel_inits) != len(self.features):
+      raise ValueError(f'MlpConv.kernel_inits has {len(self.kernel_inits)} '
+                       f'initializers for {len(self.features)} layers.')
     for i, width in enumerate(self.features):
+      kernel_init = (self.kernel_inits[i] if self.kernel_inits else
+                     self.kernel_init)
       if i == 0:
         x = nn.Conv(width, (self.kernel_size, self.kernel_size),
                     strides=(self.stride, self.stride),
                     padding=[(self.padding, self.padding)] * 2,
                     use_bias=not self.batch_norm,
-                    kernel_init=self.kernel_init, bias_init=self.bias_init,
+                    kernel_init=kernel_init, bias_init=self.bias_init,
                     dtype=self.dtype, param_dtype=self.param_dtype,
                     conv_general_dilated=_conv_fn(self.conv_impl),
                     name='conv')(x)
       else:
         x = Conv1x1(width, use_bias=not self.batch_norm,
                     conv_impl=self.conv_impl,
-                    kernel_init=self.kernel_init, bias_init=self.bias_init,
+                    kernel_init=kernel_init, bias_init=self.bias_init,
                     dtype=self.dtype, param_dtype=self.param_dtype,
                     name=f'cccp{i}')(x)
       if self.batch_norm:
@@ -338,7 +348,9 @@ class BlockSpec:
   `features`: widths of the k x k conv and the 1 x 1 convs after it. In the
   last block of a `NiN` the class-map layer (width `num_classes`) is appended.
   `pool`: 'max', 'avg' (Caffe semantics) or 'none'. `dropout`: dropout after
-  the pool, at the network's `dropout_rate`.
+  the pool, at the network's `dropout_rate`. `init_stddevs`: the 'faithful'
+  init's Gaussian std of each layer (the class-map layer's last in the last
+  block), where the author's file sets them per layer; () = FAITHFUL_STDDEV.
   """
   features: tuple[int, ...]
   kernel_size: int
@@ -348,6 +360,7 @@ class BlockSpec:
   pool_window: int = 3
   pool_stride: int = 2
   dropout: bool = False
+  init_stddevs: tuple[float, ...] = ()
 
 
 class NiN(nn.Module):
@@ -380,8 +393,13 @@ class NiN(nn.Module):
     for i, block in enumerate(self.blocks):
       last = i == len(self.blocks) - 1
       features = tuple(block.features) + ((self.num_classes,) if last else ())
+      per_layer = ()
+      if self.weight_init == 'faithful':
+        per_layer = tuple(kernel_initializer('faithful', std)
+                          for std in block.init_stddevs)
       x = MlpConv(features, block.kernel_size, block.stride, block.padding,
-                  kernel_init=kernel_init, batch_norm=self.batch_norm,
+                  kernel_init=kernel_init, kernel_inits=per_layer,
+                  batch_norm=self.batch_norm,
                   final_relu=self.final_relu or not last,
                   conv_impl=self.conv_impl, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f'mlpconv{i + 1}')(
@@ -445,13 +463,16 @@ PRESETS: dict[str, Preset] = {
                   dropout=True),
         BlockSpec((128, 96), kernel_size=5, padding=2),
     ), 10, 28, 1),
-    # Caffe model zoo "NIN-Imagenet": 224 -> 54 -> 27 -> 13 -> 6, GAP over 6x6.
+    # Caffe model zoo "NIN-Imagenet": 224 -> 54 -> 27 -> 13 -> 6, GAP over 6x6;
+    # its train_val.prototxt draws conv1, conv3 and cccp8 from N(0, 0.01).
     'imagenet': Preset((
-        BlockSpec((96, 96, 96), kernel_size=11, stride=4, pool='max'),
+        BlockSpec((96, 96, 96), kernel_size=11, stride=4, pool='max',
+                  init_stddevs=(0.01, 0.05, 0.05)),
         BlockSpec((256, 256, 256), kernel_size=5, padding=2, pool='max'),
         BlockSpec((384, 384, 384), kernel_size=3, padding=1, pool='max',
-                  dropout=True),
-        BlockSpec((1024, 1024), kernel_size=3, padding=1),
+                  dropout=True, init_stddevs=(0.01, 0.05, 0.05)),
+        BlockSpec((1024, 1024), kernel_size=3, padding=1,
+                  init_stddevs=(0.05, 0.05, 0.01)),
     ), 1000, 224, 3),
     # A small NiN for scikit-learn's 8x8 digits: 8 -> 4 -> 2, GAP over 2x2.
     'quickstart': Preset((

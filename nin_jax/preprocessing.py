@@ -6,26 +6,42 @@
   (filter bias 0.1), as pylearn2's CIFAR-10 pipeline used by Maxout and NiN.
   The ZCA statistics are cached on disk, keyed by a hash of the training data.
 - `lcn`: local contrast normalization, as used for SVHN.
+- `caffe`: Caffe's convention for the model zoo's ImageNet NiN: channels
+  reversed to BGR, then a mean pixel or mean image (0-255 units) subtracted.
 
-All functions take and return float32 [batch, height, width, channels].
+`fit` learns a method's statistics from raw training images (`Fitted`, which
+a workdir keeps for inference, see input_spec.py); `apply` normalizes raw
+images with them on the host, `normalizer` on device (jax.numpy, for streamed
+batches and exported models). All take raw images [batch, height, width,
+channels] in the dataset's units (0..`max_value`) and return float32.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
-from typing import Optional
+from typing import Callable, Optional
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from scipy import ndimage
 
 GCN_SCALE = 55.0
+GCN_MIN_DIVISOR = 1e-8
 ZCA_FILTER_BIAS = 0.1
+LCN_SIGMA = 2.0
+LCN_EPS = 1e-4
+# The arrays each method's statistics hold (see `Fitted`).
+STATISTICS = {'scale': (), 'none': (), 'lcn': (), 'standardize': ('mean', 'std'),
+              'gcn_zca': ('zca_mean', 'zca_whiten'), 'caffe': ('mean',)}
 
 
 def global_contrast_normalize(x: np.ndarray, scale: float = GCN_SCALE,
-                              min_divisor: float = 1e-8) -> np.ndarray:
+                              min_divisor: float = GCN_MIN_DIVISOR
+                              ) -> np.ndarray:
   """Per image: subtract its mean, then scale its L2 norm to `scale` (pylearn2)."""
   flat = x.reshape(x.shape[0], -1).astype(np.float64)
   flat = flat - flat.mean(axis=1, keepdims=True)
@@ -100,8 +116,8 @@ def cached_zca(train: np.ndarray, cache_dir: Optional[str],
   return mean, whiten
 
 
-def local_contrast_normalize(x: np.ndarray, sigma: float = 2.0,
-                             eps: float = 1e-4, chunk: int = 4096
+def local_contrast_normalize(x: np.ndarray, sigma: float = LCN_SIGMA,
+                             eps: float = LCN_EPS, chunk: int = 4096
                              ) -> np.ndarray:
   """Per image and channel: subtract a Gaussian local mean, divide by local std.
 
@@ -122,6 +138,69 @@ def local_contrast_normalize(x: np.ndarray, sigma: float = 2.0,
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Fitted:
+  """A normalization fitted on a training split.
+
+  `method`: one of STATISTICS. `max_value`: the largest raw pixel value (255
+  for uint8, 16 for sklearn digits). `arrays`: the method's statistics, in
+  [0, 1] units ('standardize': per-channel 'mean' and 'std' [c]; 'gcn_zca':
+  'zca_mean' [h*w*c] and 'zca_whiten' [h*w*c, h*w*c]) or in raw units
+  ('caffe': 'mean', a BGR pixel [3] or image [h, w, 3]).
+  """
+  method: str
+  max_value: float
+  arrays: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
+
+  def __post_init__(self):
+    if self.method not in STATISTICS:
+      raise ValueError(f'Unknown preprocessing {self.method!r}; expected one '
+                       f'of {sorted(STATISTICS)}.')
+    missing = set(STATISTICS[self.method]) - set(self.arrays)
+    if missing:
+      raise ValueError(f'Preprocessing {self.method!r} needs statistics '
+                       f'{sorted(missing)}.')
+
+
+def fit(train: np.ndarray, method: str, max_value: float,
+        cache_dir: Optional[str] = None) -> Fitted:
+  """The statistics of `method` on raw training images [n, h, w, c]."""
+  if method == 'caffe':
+    raise ValueError("'caffe' statistics come with a Caffe model "
+                     '(caffe_import), not from a training split.')
+  arrays = {}
+  if method == 'standardize':
+    scaled = _scale(train, max_value)
+    arrays['mean'] = scaled.mean(axis=(0, 1, 2), dtype=np.float64)
+    std = scaled.std(axis=(0, 1, 2), dtype=np.float64)
+    std[std == 0] = 1.0
+    arrays['std'] = std
+  elif method == 'gcn_zca':
+    gcn = global_contrast_normalize(_scale(train, max_value))
+    arrays['zca_mean'], arrays['zca_whiten'] = cached_zca(gcn, cache_dir)
+  return Fitted(method, float(max_value), arrays)
+
+
+def _scale(x: np.ndarray, max_value: float) -> np.ndarray:
+  return np.divide(x, np.float32(max_value), dtype=np.float32)
+
+
+def apply(fitted: Fitted, x: np.ndarray) -> np.ndarray:
+  """Normalizes raw images `x` [n, h, w, c] on the host: float32 [n, h, w, c]."""
+  a = fitted.arrays
+  if fitted.method == 'caffe':
+    return (x[..., ::-1].astype(np.float32) - a['mean']).astype(np.float32)
+  x = _scale(x, fitted.max_value)
+  if fitted.method == 'standardize':
+    return ((x - a['mean']) / a['std']).astype(np.float32)
+  if fitted.method == 'gcn_zca':
+    return apply_zca(global_contrast_normalize(x), a['zca_mean'],
+                     a['zca_whiten'])
+  if fitted.method == 'lcn':
+    return local_contrast_normalize(x)
+  return x
+
+
 def preprocess(train: np.ndarray, test: np.ndarray, method: str,
                max_value: float, cache_dir: Optional[str] = None
                ) -> tuple[np.ndarray, np.ndarray]:
@@ -129,21 +208,69 @@ def preprocess(train: np.ndarray, test: np.ndarray, method: str,
 
   `max_value`: the largest raw pixel value (255 for uint8, 16 for digits).
   """
-  train = np.divide(train, np.float32(max_value), dtype=np.float32)
-  test = np.divide(test, np.float32(max_value), dtype=np.float32)
-  if method in ('scale', 'none'):
-    return train, test
+  fitted = fit(train, method, max_value, cache_dir)
+  return apply(fitted, train), apply(fitted, test)
+
+
+# ----------------------------------------------------------------- device --
+
+def normalizer(fitted: Fitted) -> Callable[[jax.Array], jax.Array]:
+  """`apply` in jax.numpy, for use inside compiled functions: raw images
+  [batch, h, w, c] (uint8 or float, the dataset's units) -> float32.
+
+  Agrees with `apply` to float32 rounding (GCN runs in float32 here, float64
+  on the host); 'scale' and 'standardize' compute exactly what the streamed
+  ImageNet pipeline always has.
+  """
+  a = {k: np.asarray(v, np.float64) for k, v in fitted.arrays.items()}
+  method, max_value = fitted.method, fitted.max_value
+  if method == 'caffe':
+    mean = a['mean'].astype(np.float32)
+    return lambda x: x[..., ::-1].astype(jnp.float32) - mean
   if method == 'standardize':
-    mean = train.mean(axis=(0, 1, 2), dtype=np.float64)
-    std = train.std(axis=(0, 1, 2), dtype=np.float64)
-    std[std == 0] = 1.0
-    return ((train - mean) / std).astype(np.float32), (
-        (test - mean) / std).astype(np.float32)
+    mean = (max_value * a['mean']).astype(np.float32)
+    std = (max_value * a['std']).astype(np.float32)
+    return lambda x: (x.astype(jnp.float32) - mean) / std
+  scale = lambda x: x.astype(jnp.float32) / np.float32(max_value)
   if method == 'gcn_zca':
-    train = global_contrast_normalize(train)
-    test = global_contrast_normalize(test)
-    mean, whiten = cached_zca(train, cache_dir)
-    return apply_zca(train, mean, whiten), apply_zca(test, mean, whiten)
+    zca_mean = a['zca_mean'].astype(np.float32)
+    whiten = a['zca_whiten'].astype(np.float32)
+    return lambda x: _device_gcn_zca(scale(x), zca_mean, whiten)
   if method == 'lcn':
-    return local_contrast_normalize(train), local_contrast_normalize(test)
-  raise ValueError(f'config.preprocessing={method!r} is not a preprocessing.')
+    return lambda x: _device_lcn(scale(x))
+  return scale
+
+
+def _device_gcn_zca(x: jax.Array, zca_mean: np.ndarray,
+                    whiten: np.ndarray) -> jax.Array:
+  """GCN then ZCA of float32 images [b, h, w, c] (as the host's)."""
+  flat = x.reshape(x.shape[0], -1)
+  flat = flat - flat.mean(axis=1, keepdims=True)
+  norms = jnp.sqrt(jnp.sum(flat ** 2, axis=1, keepdims=True)) / GCN_SCALE
+  flat = flat / jnp.where(norms < GCN_MIN_DIVISOR, 1.0, norms)
+  return ((flat - zca_mean) @ whiten).reshape(x.shape)
+
+
+def _gaussian_blur(x: jax.Array, sigma: float) -> jax.Array:
+  """scipy.ndimage.gaussian_filter over height and width of [b, h, w, c]
+  (truncated at 4 sigma, 'reflect' borders), as separable 1-D filters."""
+  radius = int(4.0 * sigma + 0.5)
+  taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+  taps = (taps / taps.sum()).astype(np.float32)
+  for axis in (1, 2):
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (radius, radius)
+    padded = jnp.pad(x, pad, mode='symmetric')
+    x = sum(tap * jax.lax.slice_in_dim(padded, k, k + x.shape[axis],
+                                       axis=axis)
+            for k, tap in enumerate(taps))
+  return x
+
+
+def _device_lcn(x: jax.Array, sigma: float = LCN_SIGMA,
+                eps: float = LCN_EPS) -> jax.Array:
+  """`local_contrast_normalize` of float32 images [b, h, w, c]."""
+  centred = x - _gaussian_blur(x, sigma)
+  local_std = jnp.sqrt(_gaussian_blur(centred ** 2, sigma))
+  floor = local_std.mean(axis=(1, 2), keepdims=True)
+  return centred / jnp.maximum(jnp.maximum(local_std, floor), eps)

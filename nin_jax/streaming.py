@@ -85,22 +85,29 @@ def fallback_crop(height: int, width: int,
 
 
 def central_crop(height: int, width: int,
-                 fraction: float = EVAL_CROP_FRACTION) -> Box:
+                 fraction: float = EVAL_CROP_FRACTION,
+                 square: bool = True) -> Box:
   """The central square of side `fraction` x the shorter side: resizing it to
   `size` equals resizing the shorter side to size/fraction, then taking the
-  central size x size."""
-  side = fraction * min(height, width)
-  return (height - side) / 2, (width - side) / 2, side, side
+  central size x size. Not `square`: the central `fraction` of the height and
+  of the width, which resized to size x size equals Caffe's convention
+  (the image squashed to size/fraction square, then its central size x size)."""
+  h = w = fraction * min(height, width)
+  if not square:
+    h, w = fraction * height, fraction * width
+  return (height - h) / 2, (width - w) / 2, h, w
 
 
 def decode_crop(encoded: bytes, size: int, rng: Optional[np.random.Generator],
-                flip: bool) -> np.ndarray:
+                flip: bool, fraction: float = EVAL_CROP_FRACTION,
+                square: bool = True) -> np.ndarray:
   """uint8 [size, size, 3] from a JPEG/PNG: a random crop and flip (with
-  `rng`) or the central crop (rng None), resized bilinearly."""
+  `rng`) or the central crop (rng None; `central_crop` with `fraction` and
+  `square`), resized bilinearly."""
   with Image.open(io.BytesIO(encoded)) as image:
     width, height = image.size
-    top, left, h, w = (central_crop(height, width) if rng is None else
-                       sample_crop(height, width, rng))
+    top, left, h, w = (central_crop(height, width, fraction, square)
+                       if rng is None else sample_crop(height, width, rng))
     # Decode at the smallest JPEG scale that keeps the crop >= size pixels.
     image.draft('RGB', (math.ceil(width * size / w),
                         math.ceil(height * size / h)))
@@ -194,8 +201,9 @@ class Prefetcher:
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamSplit:
   """A split read and decoded on demand: images uint8 [size, size, 3]
-  (random-resized crops and flips if `augment`, else central crops), labels
-  int32. The same interface as `input_pipeline.Split`."""
+  (random-resized crops and flips if `augment`, else central crops as
+  `central_crop(h, w, crop_fraction, square_crop)`), labels int32. The same
+  interface as `input_pipeline.Split`."""
   source: Sequence[dict]  # {'image': encoded bytes, 'label': int, ...}
   name: str               # 'tfds:imagenet2012 train', for messages.
   image_size: int
@@ -203,6 +211,8 @@ class StreamSplit:
   flip: bool
   workers: int
   length: int
+  crop_fraction: float = EVAL_CROP_FRACTION
+  square_crop: bool = True
 
   def __len__(self) -> int:
     return self.length
@@ -225,7 +235,8 @@ class StreamSplit:
         rng = example_rng(keys.seed, keys.step, int(keys.rows[i]))
       try:
         images[i] = decode_crop(records[i]['image'], self.image_size, rng,
-                                self.flip)
+                                self.flip, self.crop_fraction,
+                                self.square_crop)
       except Exception as e:  # pylint: disable=broad-except
         raise DataError(f'{self.name} example {int(indices[i])}: cannot '
                         f'decode its image ({type(e).__name__}: {e}).') from e
@@ -263,4 +274,4 @@ def load_dataset(c: ml_collections.ConfigDict,
   return input_pipeline.Dataset(
       c.dataset, split(train, train_name, bool(c.augment), length),
       split(evaluation, eval_name, False, len(evaluation)), num_classes,
-      eval_name)
+      eval_name, input_pipeline.streamed_fitted(c))

@@ -150,15 +150,17 @@ def _check_splits(builder, name: str, splits: Sequence[str]) -> None:
 
 
 def load_arrays(name: str, data_dir: Optional[str] = None,
-                with_extra: bool = False) -> dict[str, Arrays]:
-  """Reads splits 'train', 'test' (and 'extra' if `with_extra`) into memory."""
+                with_extra: bool = False,
+                splits: Optional[Sequence[str]] = None) -> dict[str, Arrays]:
+  """Reads `splits` (default: 'train', 'test', and 'extra' if `with_extra`)
+  into memory."""
   if config_lib.tfds_base_name(name) in config_lib.STREAMED_TFDS:
     raise DataError(
         f'config.dataset=tfds:{name} does not fit in host memory: it is '
         f'streamed batch by batch (input_pipeline.load_dataset), never read '
         f'whole.')
   builder = open_builder(name, data_dir)
-  splits = split_names(name, with_extra)
+  splits = list(splits or split_names(name, with_extra))
   _check_splits(builder, name, splits)
   sources = builder.as_data_source(split=splits)
   arrays = {}
@@ -168,6 +170,12 @@ def load_arrays(name: str, data_dir: Optional[str] = None,
                  len(arrays[split].labels), arrays[split].images.shape[1:],
                  builder.data_dir)
   return arrays
+
+
+def label_names(name: str, data_dir: Optional[str]) -> tuple[str, ...]:
+  """The class names of a prepared dataset's 'label' feature (() if none)."""
+  label = open_builder(name, data_dir).info.features['label']
+  return tuple(getattr(label, 'names', None) or ())
 
 
 def encoded_sources(name: str, data_dir: Optional[str], num_classes: int,

@@ -30,11 +30,13 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from nin_jax import checkpoints
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import input_spec
 from nin_jax import metric_writers
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
 
 DATA_AXIS = 'data'
+TOP_K = 5  # Top-5 accuracy is reported for more than TOP_K classes.
 # Fields that define the architecture: a checkpoint only fits a config that
 # agrees on all of them.
 ARCHITECTURE_FIELDS = ('preset', 'model')
@@ -168,19 +170,25 @@ def all_finite(tree: Any) -> jax.Array:
 
 def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
               mask: jax.Array, *, model: models.NiN) -> dict[str, jax.Array]:
-  """Sums of loss and correct predictions over the unmasked rows of a batch."""
+  """Sums of loss and correct predictions (top-1, and top-5 for more than 5
+  classes) over the unmasked rows of a batch."""
   logits = _apply(model, state.params, state.batch_stats, images, False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, -1) == labels
-  return {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
+  sums = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
           'correct': jnp.sum(jnp.where(mask, correct, 0)),
           'count': jnp.sum(mask)}
+  if logits.shape[-1] > TOP_K:
+    in_top_k = jnp.any(jax.lax.top_k(logits, TOP_K)[1] == labels[:, None], -1)
+    sums['top5_correct'] = jnp.sum(jnp.where(mask, in_top_k, 0))
+  return sums
 
 
 def evaluate(eval_fn: Callable, state: TrainState,
              split: input_pipeline.AnySplit, batch_size: int,
              sharding: NamedSharding) -> dict[str, float]:
-  """Loss, accuracy and error over every example of `split`, each once.
+  """Loss, accuracy (and top-5 accuracy) and error over every example of
+  `split`, each once.
 
   A `batch_size` beyond the split (rounded up to the device count) shrinks to
   it: the padding would only be masked out.
@@ -198,8 +206,10 @@ def evaluate(eval_fn: Callable, state: TrainState,
   totals = jax.device_get(totals)
   count = int(totals['count'])
   accuracy = float(totals['correct']) / count
-  return {'loss': float(totals['loss_sum']) / count, 'accuracy': accuracy,
-          'error': 1.0 - accuracy, 'examples': count}
+  metrics = {'loss': float(totals['loss_sum']) / count, 'accuracy': accuracy}
+  if 'top5_correct' in totals:
+    metrics['top5_accuracy'] = float(totals['top5_correct']) / count
+  return {**metrics, 'error': 1.0 - accuracy, 'examples': count}
 
 
 def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
@@ -220,12 +230,20 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
       in_shardings=(state_sharding, data, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
-  eval_fn = jax.jit(
+  return train_fn, compile_eval_step(model, mesh, state_sharding,
+                                     normalize_fn)
+
+
+def compile_eval_step(model: models.NiN, mesh: Mesh, state_sharding: Any,
+                      normalize_fn: Optional[Callable] = None) -> Callable:
+  """The jitted eval step, batch sharded over 'data', fed
+  `normalize_fn(images)` when given."""
+  data = NamedSharding(mesh, P(DATA_AXIS))
+  return jax.jit(
       _under_mesh(mesh, _normalize_first(
           functools.partial(eval_step, model=model), normalize_fn)),
       in_shardings=(state_sharding, data, data, data),
       out_shardings=NamedSharding(mesh, P()))
-  return train_fn, eval_fn
 
 
 def _under_mesh(mesh: Mesh, step_fn: Callable) -> Callable:
@@ -480,6 +498,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   state = trainer.state
 
   write_config(c, workdir)
+  input_spec.save(workdir, input_spec.from_dataset(c, dataset))
   manager = checkpoints.create_manager(workdir, c.keep_checkpoints)
   restored_step, state = checkpoints.restore_latest(manager, state)
   if restored_step is not None:
@@ -500,9 +519,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     metrics = evaluate(eval_fn, state, dataset.eval, c.eval_batch_size,
                        data_sharding)
     writer.write(step, dataset.eval_name, metrics)
-    logging.info('step %d %s: loss %.4f accuracy %.4f error %.4f', step,
+    top5 = (f' top-5 {metrics["top5_accuracy"]:.4f}'
+            if 'top5_accuracy' in metrics else '')
+    logging.info('step %d %s: loss %.4f accuracy %.4f%s error %.4f', step,
                  dataset.eval_name, metrics['loss'], metrics['accuracy'],
-                 metrics['error'])
+                 top5, metrics['error'])
     return metrics
 
   last_saved = restored_step

@@ -186,3 +186,20 @@ def test_conv_impl_is_validated_and_free_to_change_on_resume(
   c.model.head = 'fc'
   with pytest.raises(config_lib.ConfigError, match='model'):
     train.check_resume_compatible(c, str(workdir))
+
+
+def test_imagenet_caffe_variant_is_the_zoo_solver():
+  from nin_jax import optimizer  # pylint: disable=g-import-not-at-top
+  c = config_lib.sibling_config(__file__, '../configs/imagenet.py', 'caffe')
+  config_lib.validate_config(c, num_devices=1)
+  assert (c.batch_size, c.num_train_steps, c.weight_decay) == (64, 450_000,
+                                                               5e-4)
+  assert (c.model.weight_init, c.model.batch_norm) == ('faithful', False)
+  per_epoch = 1_281_167 // c.batch_size
+  schedule = optimizer.learning_rate_schedule(c, per_epoch, c.num_train_steps)
+  rates = [float(schedule(s)) for s in (0, 199_999, 200_000, 399_999,
+                                        400_000, 449_999)]
+  np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4],
+                             rtol=1e-6)
+  with pytest.raises(ValueError, match='variants are'):
+    config_lib.sibling_config(__file__, '../configs/imagenet.py', 'alexnet')

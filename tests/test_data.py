@@ -4,6 +4,8 @@ import os
 import pathlib
 import time
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
@@ -371,3 +373,64 @@ def test_npz_accepts_column_labels_and_mixed_channel_axis(tmp_path):
   x_train, y_train, x_test, y_test = input_pipeline.load_npz(path)
   assert x_train.shape == (20, 8, 8, 1) and x_test.shape == (10, 8, 8, 1)
   assert y_train.shape == (20,) and y_train.dtype == y_test.dtype == np.int32
+
+
+@pytest.mark.parametrize('method', ['scale', 'none', 'standardize', 'gcn_zca',
+                                    'lcn'])
+def test_device_normalizer_computes_what_the_host_does(method, tmp_path):
+  """Exported models and streamed batches normalize on device what
+  in-memory splits normalize on the host, from the same fitted statistics."""
+  rng = np.random.default_rng(6)
+  train_x = rng.integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+  test_x = rng.integers(0, 256, (7, 8, 8, 3), dtype=np.uint8)
+  fitted = preprocessing.fit(train_x, method, 255.0, str(tmp_path))
+  host = preprocessing.apply(fitted, test_x)
+  device = jax.jit(preprocessing.normalizer(fitted))(test_x)
+  assert device.dtype == jnp.float32 and host.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(device), host, rtol=2e-4, atol=2e-4)
+
+
+def test_caffe_normalization_is_bgr_minus_the_mean():
+  rng = np.random.default_rng(7)
+  images = rng.integers(0, 256, (3, 4, 4, 3), dtype=np.uint8)
+  mean = np.float32([104.0, 117.0, 123.0])
+  fitted = preprocessing.Fitted('caffe', 255.0, {'mean': mean})
+  expected = images[..., ::-1].astype(np.float32) - mean
+  np.testing.assert_array_equal(preprocessing.apply(fitted, images), expected)
+  np.testing.assert_array_equal(
+      np.asarray(preprocessing.normalizer(fitted)(images)), expected)
+  with pytest.raises(ValueError, match="needs statistics \\['mean'\\]"):
+    preprocessing.Fitted('caffe', 255.0)
+
+
+def test_load_split_gives_the_runs_splits_with_saved_statistics():
+  c = config_lib.default_config()
+  c.update(dataset='sklearn:digits', preset='quickstart',
+           preprocessing='standardize', validation_split=True,
+           max_train_examples=1000)
+  dataset = input_pipeline.load_dataset(c, 10)
+  assert dataset.fitted.method == 'standardize'
+  for split, expected in (('train', dataset.train),
+                          ('validation', dataset.eval)):
+    loaded = input_pipeline.load_split(c, split, dataset.fitted, 10)
+    np.testing.assert_array_equal(loaded.images, expected.images)
+    np.testing.assert_array_equal(loaded.labels, expected.labels)
+  test = input_pipeline.load_split(c, 'test', dataset.fitted, 10)
+  assert len(test) == 359 and test.images.dtype == np.float32
+  c.validation_split = False
+  with pytest.raises(DataError, match="held out no 'validation' split"):
+    input_pipeline.load_split(c, 'validation', dataset.fitted, 10)
+
+
+def test_tfds_test_split_read_alone_and_class_names(tfds_dir):
+  data_dir, splits = tfds_dir
+  c = tfds_config('mnist', data_dir)
+  x, y, max_value = input_pipeline.load_raw_test(c)
+  assert x.shape[1:] == (28, 28, 1) and max_value == 255.0
+  assert sorted(y.tolist()) == sorted(splits['mnist']['test'][1].tolist())
+  assert input_pipeline.class_names(c, 10) == tuple('0123456789')
+  npz = config_lib.default_config()
+  npz.dataset = 'npz:/data/cifar10.npz'
+  assert input_pipeline.class_names(npz, 10)[:2] == ('airplane', 'automobile')
+  npz.dataset = 'npz:/data/digits.npz'
+  assert input_pipeline.class_names(npz, 3) == ('0', '1', '2')

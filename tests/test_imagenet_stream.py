@@ -11,7 +11,9 @@ import pytest
 from PIL import Image
 
 from nin_jax import config_lib
+from nin_jax import inference
 from nin_jax import input_pipeline
+from nin_jax import input_spec
 from nin_jax import models
 from nin_jax import streaming
 from nin_jax import tfds_source
@@ -326,3 +328,12 @@ def test_train_and_evaluate_streams_imagenet(imagenet_dir, tmp_path,
   assert result['step'] == 3 and result['examples'] == 12
   assert math.isfinite(result['loss'])
   assert live_input_threads() == []
+  # The saved spec: the central 87.5% square, the ImageNet mean and std.
+  spec = input_spec.load(str(tmp_path / 'run'))
+  assert (spec.crop_fraction, spec.square_crop) == (0.875, True)
+  assert spec.fitted.method == 'standardize' and spec.image_shape == (
+      SIZE, SIZE, 3)
+  again = inference.evaluate(str(tmp_path / 'run'))
+  assert live_input_threads() == []
+  for key in ('loss', 'accuracy', 'top5_accuracy', 'examples', 'step'):
+    assert again[key] == result[key], key

@@ -1,5 +1,8 @@
 """Tests of the NiN modules: presets, pooling semantics, heads, reuse."""
 
+import pathlib
+import re
+
 import flax
 import flax.linen as nn
 import jax
@@ -220,16 +223,34 @@ def test_mlpconv_alone_in_other_flax_code():
   assert Tiny().apply(variables, x).shape == (3, 4)
 
 
-def test_usable_from_nnx_through_bridge():
+def readme_block(marker: str) -> str:
+  """The README's ```python block that contains `marker`."""
+  readme = (pathlib.Path(__file__).resolve().parents[1] / 'README.md'
+            ).read_text()
+  blocks = re.findall(r'```python\n(.*?)```', readme, re.S)
+  return next(b for b in blocks if marker in b)
+
+
+def test_readme_nnx_code_trains_with_batchnorm():
   from flax import nnx
-  model = nnx.bridge.ToNNX(nin_jax.create_model('quickstart'),
-                           rngs=nnx.Rngs(0))
-  x = jnp.ones((2, 8, 8, 1))
-  nnx.bridge.lazy_init(model, x)
-  logits = model(x)
-  assert logits.shape == (2, 10)
-  params = nnx.state(model, nnx.Param)
-  assert count(params) == EXPECTED_PARAMS['quickstart']
+  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  labels = jnp.arange(4)
+  scope = {'jax': jax, 'jnp': jnp, 'nin_jax': nin_jax, 'images': images}
+  exec(readme_block('nnx.bridge.ToNNX'), scope)  # pylint: disable=exec-used
+  model, train_step = scope['model'], scope['train_step']
+  assert scope['logits'].shape == (4, 10)
+  linen = init_shapes(nin_jax.create_model('cifar10', weight_init='modern',
+                                          batch_norm=True), (1, 32, 32, 3))
+  assert count(nnx.state(model, nnx.Param)) == count(linen['params'])
+  stats = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
+  kernel = jnp.copy(model.mlpconv1['conv']['kernel'][...])
+  losses = [float(train_step(model, scope['optimizer'], images, labels))
+            for _ in range(3)]
+  assert losses[-1] < losses[0]
+  moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), stats,
+                       nnx.state(model, nnx.BatchStat))
+  assert min(jax.tree.leaves(moved)) > 0  # Every running statistic updated.
+  assert not jnp.allclose(kernel, model.mlpconv1['conv']['kernel'][...])
 
 
 def test_bernoulli_mask_rates_and_dropout_scaling():
@@ -281,3 +302,18 @@ def test_batch_norm_matches_flax(dtype):
                              (ours, {'train': False}))]
   np.testing.assert_allclose(evaluated[0].astype(float),
                              evaluated[1].astype(float), atol=1e-6)
+
+
+def test_imagenet_faithful_init_is_the_zoo_prototxts_per_layer_std():
+  params = nin_jax.create_model('imagenet').init(
+      jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
+  std = lambda block, layer: float(jnp.std(params[block][layer]['kernel']))
+  for block, layer, expected in (
+      ('mlpconv1', 'conv', 0.01), ('mlpconv1', 'cccp1', 0.05),
+      ('mlpconv2', 'conv', 0.05), ('mlpconv3', 'conv', 0.01),
+      ('mlpconv3', 'cccp2', 0.05), ('mlpconv4', 'conv', 0.05),
+      ('mlpconv4', 'cccp2', 0.01)):  # cccp8, the class maps.
+    assert abs(std(block, layer) - expected) < 0.05 * expected, (block, layer)
+  with pytest.raises(ValueError, match='2 initializers for 3 layers'):
+    models.MlpConv((4, 4, 4), kernel_inits=(nn.initializers.zeros,) * 2).init(
+        jax.random.key(0), jnp.zeros((1, 4, 4, 1)))
