@@ -1,11 +1,24 @@
 """Shared pytest fixtures for nin-jax."""
 
+import atexit
 import os
 import pathlib
+import shutil
+import tempfile
 
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+# One persistent XLA compilation cache for this test session, shared by the
+# processes the tests start (they inherit the environment): the many short
+# runs of the same quick-start model compile each step once, not once per
+# run. A fresh directory per session, so no result depends on an old cache.
+if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
+  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
+      prefix='nin_jax_test_xla_cache_')
+  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
+                  ignore_errors=True)
 
 
 def shared_data_dir() -> pathlib.Path:
