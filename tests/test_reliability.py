@@ -164,7 +164,7 @@ def launch_and_check_resume(workdir, fault=None):
 def test_sigkill_at_three_points_resumes_each_time_then_bit_identical(
     reference, tmp_path):
   workdir = tmp_path / 'killed'
-  for fault in ('step:3', 'save:12', 'eval:1'):
+  for fault in ('step:3', 'save:12', 'eval:3'):
     code, err = launch_and_check_resume(workdir, fault)
     assert code == -signal.SIGKILL, (fault, err[-3000:])
   code, err = launch_and_check_resume(workdir)
