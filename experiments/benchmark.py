@@ -153,20 +153,23 @@ class JaxRunner:
     def put(x):
       return jax.device_put(x, trainer.data_sharding)
 
-    self.train_batch = (
-        put(rng.normal(size=(c.batch_size, *shape)).astype(np.float32)),
-        put(rng.integers(0, spec.num_classes, c.batch_size).astype(np.int32)))
-    self.eval_batch = (
-        put(rng.normal(size=(c.eval_batch_size, *shape)).astype(np.float32)),
-        put(rng.integers(0, spec.num_classes,
-                         c.eval_batch_size).astype(np.int32)),
-        put(np.ones(c.eval_batch_size, bool)))
+    self.train_batch = {
+        'image': put(rng.normal(size=(c.batch_size, *shape)
+                                ).astype(np.float32)),
+        'label': put(rng.integers(0, spec.num_classes, c.batch_size
+                                  ).astype(np.int32))}
+    self.eval_batch = {
+        'image': put(rng.normal(size=(c.eval_batch_size, *shape)
+                                ).astype(np.float32)),
+        'label': put(rng.integers(0, spec.num_classes,
+                                  c.eval_batch_size).astype(np.int32)),
+        'mask': put(np.ones(c.eval_batch_size, bool))}
     self.state = trainer.state
     start = time.perf_counter()
-    self.train_fn = trainer.train_fn.lower(self.state, *self.train_batch
+    self.train_fn = trainer.train_fn.lower(self.state, self.train_batch
                                            ).compile(compiler_options)
     self.compile_seconds = time.perf_counter() - start
-    self.eval_fn = trainer.eval_fn.lower(self.state, *self.eval_batch
+    self.eval_fn = trainer.eval_fn.lower(self.state, self.eval_batch
                                          ).compile(compiler_options)
     self.flops_per_image = forward_flops_per_image(
         self.model, spec.image_size, spec.channels)
@@ -183,11 +186,11 @@ class JaxRunner:
       return None
 
   def train_step(self) -> None:
-    self.state, metrics = self.train_fn(self.state, *self.train_batch)
+    self.state, metrics = self.train_fn(self.state, self.train_batch)
     jax.block_until_ready((self.state, metrics))
 
   def eval_step(self) -> None:
-    jax.block_until_ready(self.eval_fn(self.state, *self.eval_batch))
+    jax.block_until_ready(self.eval_fn(self.state, self.eval_batch))
 
 
 def time_steps(step: Callable[[], Any], steps: int) -> list[float]:

@@ -46,6 +46,7 @@ from absl import logging
 
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import readers
 from nin_jax import preprocessing
 from nin_jax import tfds_source
 from nin_jax import train
@@ -60,7 +61,7 @@ def load_images(source: str, npz: str, n: int
                 ) -> tuple[np.ndarray, np.ndarray]:
   """uint8 images [n, 32, 32, 3] and int32 labels [n]."""
   if source == 'npz':
-    x, y, _, _ = input_pipeline.load_npz(npz)
+    x, y, _, _ = readers.load_npz(npz)
     return x[:n], y[:n]
   rng = np.random.default_rng(0)
   return (rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8),
@@ -100,12 +101,13 @@ def time_train_step(batch_size: int, num_steps: int, trainer: train.Trainer,
   batches = input_pipeline.train_batches(split, 0, batch_size, 0,
                                          trainer.data_sharding)
   batch_list = [next(batches) for _ in range(num_steps + 2)]
-  for images, labels in batch_list[:2]:
-    state, metrics = trainer.train_fn(state, images, labels)
+  batches.close()
+  for batch in batch_list[:2]:
+    state, metrics = trainer.train_fn(state, batch)
   jax.block_until_ready(metrics)
   start = time.perf_counter()
-  for images, labels in batch_list[2:]:
-    state, metrics = trainer.train_fn(state, images, labels)
+  for batch in batch_list[2:]:
+    state, metrics = trainer.train_fn(state, batch)
   jax.block_until_ready(metrics)
   return (time.perf_counter() - start) / num_steps
 

@@ -26,7 +26,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from etils import epath
 
-from nin_jax import input_pipeline
+from nin_jax.errors import DataError
 
 # V1LayerParameter.LayerType values, by the names LayerParameter uses.
 V1_TYPES = {
@@ -43,7 +43,7 @@ LAYER_FIELDS = {100: (1, 2, 7, 106, 121), 2: (4, 5, 6, 10, 19)}
 Fields = dict[int, list[Any]]  # field number -> values (int or bytes)
 
 
-class CaffeFormatError(input_pipeline.DataError):
+class CaffeFormatError(DataError):
   """A file that is not the Caffe model (or blob) it should be."""
 
 

@@ -32,12 +32,14 @@ from etils import epath
 from nin_jax import caffe_model
 from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import inference
 from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import models
 from nin_jax import preprocessing
 from nin_jax import train
+from nin_jax.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,7 +190,7 @@ def imagenet_spec(mean_file: Optional[str], mean_pixel: Sequence[float],
     if mean.shape != (3,):
       raise config_lib.ConfigError(f'--mean_pixel={mean_pixel}: give three '
                                    f'values, B,G,R.')
-  fitted = preprocessing.Fitted('caffe', input_pipeline.PIXEL_MAX_VALUE,
+  fitted = preprocessing.Fitted('caffe', datasets.PIXEL_MAX_VALUE,
                                 {'mean': mean.astype(np.float32)})
   return input_spec.InputSpec(fitted, (CAFFE_CROP, CAFFE_CROP, 3), names,
                               crop_fraction=fraction, square_crop=False)
@@ -201,7 +203,7 @@ def cifar10_spec(c: ml_collections.ConfigDict,
   spec = models.PRESETS['cifar10']
   shape = (spec.image_size, spec.image_size, spec.channels)
   if raw.x_train.shape[1:] != shape:
-    raise input_pipeline.DataError(
+    raise DataError(
         f'{c.dataset}: images of shape {raw.x_train.shape[1:]}; the CIFAR-10 '
         f'model takes {shape}.')
   fitted = preprocessing.fit(raw.x_train, 'gcn_zca', raw.max_value,
@@ -234,7 +236,7 @@ def zoo_config(zoo: ZooModel, dataset: str, data_dir: str
   c.dataset = dataset
   c.data_dir = data_dir
   c.preprocessing = 'caffe' if zoo.preset == 'imagenet' else 'gcn_zca'
-  if config_lib.is_streamed(dataset):
+  if datasets.lookup(dataset).streamed:
     c.image_size = CAFFE_CROP
   c.model.weight_init = 'faithful'
   c.model.batch_norm = False

@@ -20,12 +20,12 @@ from absl import logging
 
 from nin_jax import checkpoints
 from nin_jax import config_lib
-from nin_jax import input_pipeline
+from nin_jax import errors
 from nin_jax import runtime
 
 # A user's mistake (a bad flag, config, workdir or data file): one line,
 # exit status 2.
-USER_ERRORS = (config_lib.ConfigError, input_pipeline.DataError,
+USER_ERRORS = (errors.ConfigError, errors.DataError,
                checkpoints.CheckpointError)
 USER_ERROR_STATUS = 2
 

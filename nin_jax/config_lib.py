@@ -15,24 +15,17 @@ from typing import Any, Optional, Sequence
 import ml_collections
 
 from nin_jax import cpu_kernels
+from nin_jax import datasets
 from nin_jax import models
+from nin_jax.errors import ConfigError
 
 SCHEDULES = ('constant', 'step', 'plateau', 'cosine', 'one_cycle')
 OPTIMIZERS = ('sgd', 'nesterov')
 PREPROCESSING = ('scale', 'standardize', 'gcn_zca', 'lcn', 'none')
 DTYPES = ('float32', 'bfloat16', 'float16')
-DATASET_KINDS = ('npz', 'tfds', 'sklearn')
-SKLEARN_DATASETS = ('digits',)
-TFDS_DATASETS = ('mnist', 'cifar10', 'cifar100', 'svhn_cropped', 'imagenet2012')
-# Too big for host memory: decoded per batch (see streaming.py).
-STREAMED_TFDS = ('imagenet2012',)
 # Per-pixel normalizations a streamed dataset can use (applied on device).
 STREAMED_PREPROCESSING = ('standardize', 'scale', 'none')
 MAX_DATA_WORKERS = 1024
-
-
-class ConfigError(ValueError):
-  """A config field has a value nin-jax cannot run with."""
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -96,34 +89,10 @@ def default_config() -> ml_collections.ConfigDict:
   c.checkpoint_every_steps = 0    # 0: once per epoch.
   c.keep_checkpoints = 3
   c.skip_nonfinite_steps = False  # True: skip a NaN/Inf step instead of stopping.
+  # >0: a jax.profiler trace of this many steps (after the first, compiling
+  # one) into WORKDIR/profile, for TensorBoard or Perfetto.
+  c.profile_steps = 0
   return c
-
-
-def tfds_base_name(name: str) -> str:
-  """'svhn_cropped:3.1.0' or 'name/config' -> the registered dataset name."""
-  return name.split('/')[0].split(':')[0]
-
-
-def parse_dataset(dataset: str) -> tuple[str, str]:
-  """'npz:PATH' -> ('npz', 'PATH'); raises ConfigError naming `dataset`."""
-  kind, sep, name = dataset.partition(':')
-  if not sep or kind not in DATASET_KINDS or not name:
-    raise ConfigError(
-        f"config.dataset={dataset!r}: expected 'npz:PATH', 'tfds:NAME' "
-        f"(NAME in {TFDS_DATASETS}) or 'sklearn:digits'.")
-  if kind == 'sklearn' and name not in SKLEARN_DATASETS:
-    raise ConfigError(f'config.dataset={dataset!r}: the embedded datasets are '
-                      f'{["sklearn:" + n for n in SKLEARN_DATASETS]}.')
-  if kind == 'tfds' and tfds_base_name(name) not in TFDS_DATASETS:
-    raise ConfigError(f'config.dataset={dataset!r}: supported TFDS datasets '
-                      f'are {TFDS_DATASETS}.')
-  return kind, name
-
-
-def is_streamed(dataset: str) -> bool:
-  """True for a dataset decoded batch by batch ('tfds:imagenet2012')."""
-  kind, _, name = dataset.partition(':')
-  return kind == 'tfds' and tfds_base_name(name) in STREAMED_TFDS
 
 
 def streamed_image_size(c: ml_collections.ConfigDict) -> int:
@@ -226,7 +195,7 @@ def validate_config(c: ml_collections.ConfigDict,
   check_fields(c)
   _check(c.preset in models.PRESETS, 'preset', c.preset,
          f'must be one of {sorted(models.PRESETS)}')
-  parse_dataset(c.dataset)
+  datasets.lookup(c.dataset)
   _check(c.preprocessing in PREPROCESSING, 'preprocessing', c.preprocessing,
          f'must be one of {PREPROCESSING}')
   _check(c.model.head in models.HEADS, 'model.head', c.model.head,
@@ -247,7 +216,7 @@ def validate_config(c: ml_collections.ConfigDict,
     _check(isinstance(c[field], int) and c[field] > 0, field, c[field],
            'must be a positive integer')
   for field in ('eval_every_steps', 'checkpoint_every_steps', 'cpu_devices',
-                'max_train_examples'):
+                'max_train_examples', 'profile_steps'):
     _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
            'must be a non-negative integer (0 = default)')
   _check(c.learning_rate > 0 and math.isfinite(c.learning_rate),
@@ -295,9 +264,10 @@ def _check_streamed(c: ml_collections.ConfigDict) -> None:
            'must be a non-negative integer (0 = default)')
   _check(c.data_workers <= MAX_DATA_WORKERS, 'data_workers', c.data_workers,
          f'must be at most {MAX_DATA_WORKERS} threads (0 = one per core)')
-  if not is_streamed(c.dataset):
+  if not datasets.lookup(c.dataset).streamed:
     _check(c.image_size == 0, 'image_size', c.image_size,
-           f'only streamed datasets ({["tfds:" + n for n in STREAMED_TFDS]}) '
+           f'only streamed datasets '
+           f'({["tfds:" + n for n in datasets.STREAMED_TFDS]}) '
            f'are cropped to a size; {c.dataset} keeps its own, so set it to 0')
     return
   _check(c.preprocessing in STREAMED_PREPROCESSING, 'preprocessing',
@@ -333,14 +303,15 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
   """Raises ConfigError if the preset cannot pool an input of this size down,
   or the translation would shift it out of the frame."""
   del channels
-  if c.augment and not is_streamed(c.dataset):
+  streamed = datasets.lookup(c.dataset).streamed
+  if c.augment and not streamed:
     _check(c.translate_pixels < min(height, width), 'translate_pixels',
            c.translate_pixels,
            f'must be smaller than the {height}x{width} images it shifts')
   blocks = models.PRESETS[c.preset].blocks
   for size in (height, width):
     if models.output_size(blocks, size) < 1:
-      fix = ('raise config.image_size' if is_streamed(c.dataset) else
+      fix = ('raise config.image_size' if streamed else
              'pick a preset made for this dataset')
       raise ConfigError(
           f'config.preset={c.preset!r} cannot take {height}x{width} images '

@@ -27,6 +27,7 @@ from PIL import Image
 
 from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import models
@@ -150,11 +151,12 @@ def eval_split(c: ml_collections.ConfigDict, spec: input_spec.InputSpec,
   """(split, device normalization or None) to evaluate: in-memory splits are
   normalized on the host with the saved statistics, streamed ones on device
   and cropped as the spec says."""
-  if not config_lib.is_streamed(c.dataset):
+  if not datasets.lookup(c.dataset).streamed:
     split = split or ('validation' if c.validation_split else 'test')
     return input_pipeline.load_split(c, split, spec.fitted,
                                      spec.num_classes), None
-  dataset = streaming.load_dataset(c, spec.num_classes)
+  dataset = input_pipeline.load_streamed(c, spec.num_classes,
+                                         spec.image_shape[0])
   streams = {dataset.eval_name: dataset.eval,
              'train': dataset.train}
   if (split or dataset.eval_name) not in streams:
@@ -188,8 +190,8 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
       rng=None), replicated)
   devices = mesh.devices.size
   batch_size = math.ceil(c.eval_batch_size / devices) * devices
-  metrics = train.evaluate(eval_fn, state, data, batch_size,
-                           NamedSharding(mesh, P(train.DATA_AXIS)))
+  metrics = train.evaluate(eval_fn, state, input_pipeline.eval_batches(
+      data, batch_size, NamedSharding(mesh, P(train.DATA_AXIS))))
   return {**metrics, 'step': trained.step}
 
 

@@ -1,12 +1,10 @@
-"""Datasets for NiN: sources, splits, deterministic batches, device augmentation.
+"""The input pipeline: a dataset's splits in memory (or streamed), and the
+global batches of a run, as dicts of arrays sharded over the devices.
 
-Sources (config.dataset):
-- 'sklearn:digits': scikit-learn's 1,797 8x8 digits (embedded, no download),
-  with a fixed, seeded, stratified 80/20 train/test split.
-- 'npz:PATH': a Keras-layout .npz (x_train, y_train, x_test, y_test; uint8
-  images, integer labels), read with allow_pickle=False.
-- 'tfds:NAME': a prepared TFDS dataset read through `tfds.data_source`
-  (ArrayRecord, no TensorFlow needed); see tfds_source.py.
+What a dataset is (its source, splits, classes, whether it may be flipped or
+is streamed) comes from the registry (datasets.py); readers.py, tfds_source.py
+and streaming.py read the files. This module only splits, normalizes and
+batches what they return.
 
 `config.validation_split` holds out the paper's validation set
 (`validation_holdout`); `config.use_extra_split` adds SVHN's 'extra' split.
@@ -19,6 +17,9 @@ the batches an uninterrupted one would. Each process materializes only its own
 rows of every global batch. Augmentation (translation, flip) runs on device
 inside the compiled train step, keyed by (seed, step); a streamed split crops
 and flips on the host instead, keyed by (seed, step, row).
+
+A training batch is {'image': [batch, h, w, c], 'label': [batch]}; an
+evaluation batch adds 'mask' [batch], False on the padding of the last one.
 """
 
 from __future__ import annotations
@@ -27,9 +28,9 @@ import dataclasses
 import functools
 import itertools
 import os
-import zipfile
-from typing import (TYPE_CHECKING, Any, Callable, Iterable, Iterator,
-                    NamedTuple, Optional, Union)
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -37,35 +38,24 @@ import ml_collections
 import numpy as np
 from absl import logging
 
-from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import preprocessing
+from nin_jax import readers
+from nin_jax import streaming
+from nin_jax import tfds_source
+from nin_jax.errors import DataError  # pylint: disable=unused-import
 
-if TYPE_CHECKING:
-  from nin_jax import streaming  # pylint: disable=g-bad-import-order
-
-# The fixed ImageNet statistics of streamed datasets, pixels scaled to [0, 1].
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-# The largest raw pixel value: uint8 images, scikit-learn's digits.
-PIXEL_MAX_VALUE = 255.0
-DIGITS_MAX_VALUE = 16.0
-CIFAR10_CLASSES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
-                   'frog', 'horse', 'ship', 'truck')
-
-
-class RowKeys(NamedTuple):
-  """What seeds the host augmentation of a training batch: the run's seed,
-  the step and the rows [n] (positions in the global batch) being read."""
-  seed: int
-  step: int
-  rows: np.ndarray
+PREFETCH_BATCHES = 2
+Batch = dict[str, np.ndarray]
 
 
 @dataclasses.dataclass(frozen=True)
 class Split:
-  """Images [n, height, width, channels] float32 and labels [n] int32."""
+  """Images [n, height, width, channels] float32 and labels [n] int32, in
+  host memory: read in the consuming thread, nothing to open or close."""
   images: np.ndarray
   labels: np.ndarray
+  background = False
 
   def __len__(self) -> int:
     return int(self.labels.shape[0])
@@ -74,20 +64,21 @@ class Split:
   def image_shape(self) -> tuple[int, int, int]:
     return tuple(self.images.shape[1:])
 
-  def read(self, indices: np.ndarray, keys: Optional[RowKeys],
-           map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
-    """Images [n, h, w, c] and labels [n] of examples `indices` [n]; in
-    memory, so `keys` (augmentation runs on device) and `map_fn` are unused."""
-    del keys, map_fn
-    return self.images[indices], self.labels[indices]
+  def open(self) -> Split:
+    return self
 
-  def batches(self, make_batch: Callable[[Any, Callable], Any],
-              keys: Iterable[Any]) -> Iterator[Any]:
-    """`make_batch(key, map)` for each key, made when asked for."""
-    return (make_batch(key, map) for key in keys)
+  def read(self, indices: np.ndarray,
+           keys: Optional[streaming.RowKeys] = None) -> Batch:
+    """{'image', 'label'} of examples `indices` [n]; `keys` is unused
+    (in-memory splits are augmented on device)."""
+    del keys
+    return {'image': self.images[indices], 'label': self.labels[indices]}
+
+  def close(self) -> None:
+    pass
 
 
-AnySplit = Union[Split, 'streaming.StreamSplit']
+AnySplit = Union[Split, streaming.StreamSplit]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,130 +97,12 @@ class Dataset:
   def image_shape(self) -> tuple[int, int, int]:
     return self.train.image_shape
 
-
-class DataError(ValueError):
-  """A dataset file or directory cannot be used; the message says why and how."""
-
-
-# ---------------------------------------------------------------- sources --
-
-def load_digits(seed: int = 0, test_fraction: float = 0.2
-                ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-  """scikit-learn's 8x8 digits: (x_train, y_train, x_test, y_test), pixels 0..16."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
-  images = digits.images.astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
-  rng = np.random.default_rng(seed)
-  train_idx, test_idx = [], []
-  for cls in np.unique(labels):
-    idx = rng.permutation(np.flatnonzero(labels == cls))
-    n_test = int(round(len(idx) * test_fraction))
-    test_idx.append(idx[:n_test])
-    train_idx.append(idx[n_test:])
-  train_idx = np.sort(np.concatenate(train_idx))
-  test_idx = np.sort(np.concatenate(test_idx))
-  return (images[train_idx], labels[train_idx], images[test_idx],
-          labels[test_idx])
+  @property
+  def spec(self) -> datasets.DatasetSpec:
+    return datasets.lookup(self.name)
 
 
-NPZ_KEYS = ('x_train', 'y_train', 'x_test', 'y_test')
-
-
-def _read_npz(path: str, keys: tuple[str, ...] = NPZ_KEYS
-              ) -> list[np.ndarray]:
-  """The arrays `keys` of `path`, read without pickle, or DataError."""
-  if not os.path.isfile(path):
-    raise DataError(f'config.dataset=npz:{path}: no such file; point it at a '
-                    f'.npz with keys {NPZ_KEYS}.')
-  with open(path, 'rb') as f:
-    magic = f.read(6)
-  if magic.startswith(b'\x93NUMPY'):
-    raise DataError(f'{path}: is a single .npy array, not a .npz archive; '
-                    f'save one with np.savez(path, x_train=..., y_train=..., '
-                    f'x_test=..., y_test=...).')
-  if not magic.startswith(b'PK'):
-    raise DataError(f'{path}: not a .npz (zip) archive; save one with '
-                    f'np.savez(path, x_train=..., y_train=..., x_test=..., '
-                    f'y_test=...).')
-  try:
-    with np.load(path, allow_pickle=False) as f:
-      missing = [k for k in keys if k not in f.files]
-      if missing:
-        raise DataError(f'{path}: missing keys {missing}; found {f.files}, '
-                        f'need {keys}.')
-      return [f[k] for k in keys]
-  except ValueError as e:
-    if isinstance(e, DataError):
-      raise
-    raise DataError(f'{path}: cannot be read without pickle ({e}); save the '
-                    f'arrays as plain numeric arrays.') from e
-  except (OSError, EOFError, zipfile.BadZipFile) as e:
-    raise DataError(f'{path}: not a readable .npz file ({e}).') from e
-
-
-def _check_images(path: str, key: str, x: np.ndarray) -> np.ndarray:
-  """`x` as [n, height, width, channels] uint8, or a DataError naming `key`."""
-  if x.dtype != np.uint8:
-    raise DataError(f'{path}: {key} has dtype {x.dtype}; expected uint8 '
-                    f'pixels 0..255.')
-  if x.ndim not in (3, 4) or (x.ndim == 4 and x.shape[-1] not in (1, 3)):
-    hint = (' (channels first? transpose to [n, height, width, channels])'
-            if x.ndim == 4 and x.shape[1] in (1, 3) else '')
-    raise DataError(f'{path}: {key} has shape {x.shape}; expected '
-                    f'[n, height, width] or [n, height, width, 1 or 3]{hint}.')
-  if x.shape[0] == 0:
-    raise DataError(f'{path}: {key} holds 0 images; it needs at least one.')
-  if x.shape[1] != x.shape[2]:
-    raise DataError(f'{path}: {key} has shape {x.shape}: images are '
-                    f'{x.shape[1]}x{x.shape[2]}, but NiN expects square '
-                    f'[n, size, size(, channels)] images.')
-  return x if x.ndim == 4 else x[..., None]
-
-
-def _check_labels_shape(path: str, key: str, y: np.ndarray,
-                        num_images: int) -> np.ndarray:
-  """`y` as [n] int32, or a DataError naming `key`."""
-  if not np.issubdtype(y.dtype, np.integer):
-    raise DataError(f'{path}: {key} has dtype {y.dtype}; expected integer '
-                    f'class labels.')
-  flat = y.reshape(-1) if y.ndim == 2 and y.shape[1] == 1 else y
-  if flat.ndim != 1 or flat.shape[0] != num_images:
-    raise DataError(f'{path}: {key} has shape {y.shape}; expected '
-                    f'[{num_images}] labels, one per image.')
-  if flat.size and (flat.min() < 0 or flat.max() > np.iinfo(np.int32).max):
-    raise DataError(f'{path}: {key} labels span [{flat.min()}, {flat.max()}]; '
-                    f'expected class indices 0..num_classes-1.')
-  return flat.astype(np.int32)
-
-
-def _check_split(path: str, split: str, x: np.ndarray, y: np.ndarray
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  x = _check_images(path, f'x_{split}', x)
-  return x, _check_labels_shape(path, f'y_{split}', y, x.shape[0])
-
-
-def load_npz_split(path: str, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """Reads and checks one split ('train' or 'test') of a Keras-layout .npz,
-  and only its arrays: images [n, h, w, c] uint8 (3-D images gain a channel
-  axis), labels [n] int32."""
-  return _check_split(path, split,
-                      *_read_npz(path, (f'x_{split}', f'y_{split}')))
-
-
-def load_npz(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray,
-                                 np.ndarray]:
-  """Reads and checks a Keras-layout .npz: (x_train, y_train, x_test, y_test)
-  as `load_npz_split` reads them, images of the same shape."""
-  x_train, y_train, x_test, y_test = _read_npz(path)
-  x_train, y_train = _check_split(path, 'train', x_train, y_train)
-  x_test, y_test = _check_split(path, 'test', x_test, y_test)
-  if x_train.shape[1:] != x_test.shape[1:]:
-    raise DataError(f'{path}: x_train images are {x_train.shape[1:]} but '
-                    f'x_test images are {x_test.shape[1:]}; both must have '
-                    f'the same [height, width, channels].')
-  return x_train, y_train, x_test, y_test
-
+# ----------------------------------------------------------------- splits --
 
 @dataclasses.dataclass(frozen=True)
 class RawData:
@@ -265,23 +138,22 @@ def _check_label_range(source: str, key: str, y: np.ndarray,
 
 def load_raw(c: ml_collections.ConfigDict) -> RawData:
   """The unprocessed splits of `c.dataset`."""
-  kind, name = config_lib.parse_dataset(c.dataset)
-  if c.use_extra_split and kind != 'tfds':
+  spec = datasets.lookup(c.dataset)
+  if c.use_extra_split and not spec.extra_splits:
     raise DataError(f'config.use_extra_split=True but {c.dataset} has no '
                     f"extra split; only 'tfds:svhn_cropped' has one. Set it "
                     f'to False.')
-  if kind == 'sklearn':
-    return RawData(*load_digits(), max_value=DIGITS_MAX_VALUE)
-  if kind == 'npz':
-    return RawData(*load_npz(os.path.expanduser(name)),
-                   max_value=PIXEL_MAX_VALUE)
-  from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
-  splits = tfds_source.load_arrays(name, c.data_dir or None,
+  if spec.source == 'sklearn':
+    return RawData(*readers.load_digits(), max_value=spec.max_value)
+  if spec.source == 'npz':
+    return RawData(*readers.load_npz(os.path.expanduser(spec.name)),
+                   max_value=spec.max_value)
+  splits = tfds_source.load_arrays(spec.name, c.data_dir or None,
                                    with_extra=c.use_extra_split)
   extra = splits.get('extra')
   return RawData(splits['train'].images, splits['train'].labels,
                  splits['test'].images, splits['test'].labels,
-                 PIXEL_MAX_VALUE,
+                 spec.max_value,
                  extra.images if extra else None,
                  extra.labels if extra else None)
 
@@ -310,7 +182,7 @@ def validation_holdout(raw: RawData, dataset: str
   Others (CIFAR): the last 10,000 training images, or the last sixth of a
   training set smaller than 40,000.
   """
-  if raw.x_extra is not None or is_svhn(dataset):
+  if raw.x_extra is not None or datasets.lookup(dataset).holdout == 'per_class':
     rng = np.random.default_rng(VALIDATION_SEED)
     parts = [('train', raw.x_train, raw.y_train)]
     if raw.x_extra is not None:
@@ -357,12 +229,17 @@ def split_raw(c: ml_collections.ConfigDict, raw: RawData
   return x_train, y_train, x_eval, y_eval, eval_name
 
 
-def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
-  """Loads, splits and preprocesses `c.dataset` on the host (a streamed
-  dataset is only opened: its batches are decoded as they are needed)."""
-  if config_lib.is_streamed(c.dataset):
-    from nin_jax import streaming  # pylint: disable=g-import-not-at-top
-    return streaming.load_dataset(c, num_classes)
+def load_dataset(c: ml_collections.ConfigDict, num_classes: int,
+                 streamed_size: int = 0) -> Dataset:
+  """Loads, splits and preprocesses `c.dataset` on the host. A streamed
+  dataset is only opened: its batches are decoded as they are needed, cropped
+  to squares of `streamed_size` (config_lib.streamed_image_size), by default
+  config.image_size."""
+  if datasets.lookup(c.dataset).streamed:
+    size = streamed_size or c.image_size
+    if size <= 0:
+      raise ValueError(f'{c.dataset} is streamed: give the side of its crops')
+    return load_streamed(c, num_classes, size)
   raw = load_raw(c)
   check_labels(raw, num_classes, c.dataset)
   x_train, y_train, x_test, y_test, eval_name = split_raw(c, raw)
@@ -378,6 +255,19 @@ def load_dataset(c: ml_collections.ConfigDict, num_classes: int) -> Dataset:
                  num_classes, eval_name, fitted)
 
 
+def load_streamed(c: ml_collections.ConfigDict, num_classes: int,
+                  image_size: int) -> Dataset:
+  """The streamed train and evaluation splits of `c.dataset`, nothing decoded
+  yet, cropped to `image_size` squares."""
+  spec = datasets.lookup(c.dataset)
+  train, evaluation, eval_name = streaming.open_splits(
+      spec, c.data_dir or None, num_classes, image_size, bool(c.augment),
+      flip_allowed(c), c.data_workers or os.cpu_count() or 1,
+      c.max_train_examples)
+  return Dataset(c.dataset, train, evaluation, num_classes, eval_name,
+                 streamed_fitted(c))
+
+
 SPLITS = ('test', 'validation', 'train')
 
 
@@ -385,17 +275,16 @@ def load_raw_test(c: ml_collections.ConfigDict
                   ) -> tuple[np.ndarray, np.ndarray, float]:
   """The unprocessed test split of `c.dataset` alone, no training data read:
   images [n, h, w, c], labels [n] int32 and the largest pixel value."""
-  kind, name = config_lib.parse_dataset(c.dataset)
-  if kind == 'sklearn':
-    _, _, x_test, y_test = load_digits()
-    return x_test, y_test, DIGITS_MAX_VALUE
-  if kind == 'npz':
-    return (*load_npz_split(os.path.expanduser(name), 'test'),
-            PIXEL_MAX_VALUE)
-  from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
-  test = tfds_source.load_arrays(name, c.data_dir or None,
+  spec = datasets.lookup(c.dataset)
+  if spec.source == 'sklearn':
+    _, _, x_test, y_test = readers.load_digits()
+    return x_test, y_test, spec.max_value
+  if spec.source == 'npz':
+    return (*readers.load_npz_split(os.path.expanduser(spec.name), 'test'),
+            spec.max_value)
+  test = tfds_source.load_arrays(spec.name, c.data_dir or None,
                                  splits=('test',))['test']
-  return test.images, test.labels, PIXEL_MAX_VALUE
+  return test.images, test.labels, spec.max_value
 
 
 def load_split(c: ml_collections.ConfigDict, split: str,
@@ -422,19 +311,15 @@ def load_split(c: ml_collections.ConfigDict, split: str,
 
 def class_names(c: ml_collections.ConfigDict,
                 num_classes: int) -> tuple[str, ...]:
-  """The names of the classes: TFDS's label names, CIFAR-10's for a dataset
-  named cifar10 (TFDS or an npz file of that name), else the class numbers."""
-  kind, name = config_lib.parse_dataset(c.dataset)
-  if kind == 'tfds':
-    from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
-    names = tfds_source.label_names(name, c.data_dir or None)
+  """The names of the classes: TFDS's label names, the registry's (CIFAR-10's
+  for a TFDS or npz copy of it), else the class numbers."""
+  spec = datasets.lookup(c.dataset)
+  if spec.source == 'tfds':
+    names = tfds_source.label_names(spec.name, c.data_dir or None)
     if len(names) == num_classes:
       return names
-    base = config_lib.tfds_base_name(name)
-  else:
-    base = os.path.splitext(os.path.basename(name))[0]
-  if base == 'cifar10' and num_classes == len(CIFAR10_CLASSES):
-    return CIFAR10_CLASSES
+  if len(spec.class_names) == num_classes:
+    return spec.class_names
   return tuple(str(i) for i in range(num_classes))
 
 
@@ -469,61 +354,158 @@ def process_rows(global_batch: int) -> slice:
   return slice(start, start + local)
 
 
-class GlobalBatches:
-  """Iterates the tuples of this process's rows made by `host_batches` as
-  global arrays sharded by `sharding`. `close()` stops a streamed split's
-  decoding threads (also before the first batch, unlike a generator's)."""
+_END = object()
 
-  def __init__(self, sharding: jax.sharding.Sharding,
-               host_batches: Iterator[tuple[np.ndarray, ...]]):
-    self._sharding = sharding
-    self._host_batches = host_batches
 
-  def __iter__(self) -> GlobalBatches:
+class Prefetcher:
+  """Iterates `make_batch(key)` over `keys` in a background thread, up to
+  `depth` batches ahead. An exception in `make_batch` is raised by `next`.
+  `close()` calls `cancel` (to drop work in progress), then returns once the
+  thread has ended: the thread is a daemon and never outlives the iterator."""
+
+  def __init__(self, make_batch: Callable[[Any], Any], keys: Iterable[Any],
+               cancel: Callable[[], None] = lambda: None,
+               depth: int = PREFETCH_BATCHES):
+    self._queue = queue.Queue(maxsize=depth)
+    self._stop = threading.Event()
+    self._cancel = cancel
+    self._thread = threading.Thread(
+        target=self._produce, args=(make_batch, iter(keys)),
+        name='nin_jax_prefetch', daemon=True)
+    self._thread.start()
+
+  def _produce(self, make_batch: Callable, keys: Iterator[Any]) -> None:
+    try:
+      for key in keys:
+        if not self._put(make_batch(key)):
+          return
+      self._put(_END)
+    except BaseException as e:  # pylint: disable=broad-except
+      self._put(e)  # Raised in the consuming thread.
+
+  def _put(self, item: Any) -> bool:
+    """Queues `item` unless closed first; False if closed."""
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return True
+      except queue.Full:
+        pass
+    return False
+
+  def __iter__(self) -> Prefetcher:
     return self
 
-  def __next__(self) -> tuple[jax.Array, ...]:
-    return tuple(jax.make_array_from_process_local_data(self._sharding, x)
-                 for x in next(self._host_batches))
+  def __next__(self) -> Any:
+    if self._stop.is_set():
+      raise StopIteration
+    item = self._queue.get()
+    if item is _END or isinstance(item, BaseException):
+      self.close()
+      if item is _END:
+        raise StopIteration
+      raise item
+    return item
 
   def close(self) -> None:
-    self._host_batches.close()
+    self._stop.set()
+    self._cancel()
+    self._thread.join()
+
+
+class Batches:
+  """Global batches: this process's rows, read from `split` by `host_batch(
+  reader, key)` for each key, as dicts of global arrays sharded by `sharding`.
+  A streamed split is read ahead in a background thread. `close()` ends every
+  thread (also before the first batch, unlike a generator's)."""
+
+  def __init__(self, split: AnySplit, sharding: jax.sharding.Sharding,
+               host_batch: Callable[[Any, Any], Batch], keys: Iterable[Any]):
+    self._sharding = sharding
+    self._reader = split.open()
+    make = functools.partial(host_batch, self._reader)
+    if split.background:
+      self._host = Prefetcher(make, keys,
+                              cancel=getattr(self._reader, 'cancel',
+                                             lambda: None))
+    else:
+      self._host = map(make, keys)
+
+  def __iter__(self) -> Batches:
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    try:
+      batch = next(self._host)
+    except BaseException:  # The end, or a read that failed: stop threads.
+      self.close()
+      raise
+    return {k: jax.make_array_from_process_local_data(self._sharding, v)
+            for k, v in batch.items()}
+
+  def close(self) -> None:
+    if isinstance(self._host, Prefetcher):
+      self._host.close()
+    self._reader.close()
+
+  def __enter__(self) -> Batches:
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.close()
 
 
 def train_batches(split: AnySplit, seed: int, batch_size: int,
-                  start_step: int, sharding: jax.sharding.Sharding
-                  ) -> GlobalBatches:
-  """Global batches (images, labels) from `start_step` on, sharded by `sharding`.
-
-  Only this process's rows are read (gathered from host memory, or decoded
-  and cropped with draws keyed by (seed, step, row) for a streamed split).
-  """
+                  start_step: int, sharding: jax.sharding.Sharding) -> Batches:
+  """{'image', 'label'} global batches from `start_step` on, sharded by
+  `sharding`. Only this process's rows are read (gathered from host memory,
+  or decoded and cropped with draws keyed by (seed, step, row))."""
   rows = np.arange(batch_size)[process_rows(batch_size)]
 
-  def host_batch(step: int, map_fn: Callable
-                 ) -> tuple[np.ndarray, np.ndarray]:
+  def host_batch(reader, step: int) -> Batch:
     idx = train_batch_indices(seed, step, batch_size, len(split))[rows]
-    return split.read(idx, RowKeys(seed, step, rows), map_fn)
+    return reader.read(idx, streaming.RowKeys(seed, step, rows))
 
-  return GlobalBatches(
-      sharding, split.batches(host_batch, itertools.count(start_step)))
+  return Batches(split, sharding, host_batch, itertools.count(start_step))
 
 
 def eval_batches(split: AnySplit, batch_size: int,
-                 sharding: jax.sharding.Sharding) -> GlobalBatches:
-  """(images, labels, mask) covering every example once; the last batch is
-  padded and its padding masked out."""
+                 sharding: jax.sharding.Sharding) -> Batches:
+  """{'image', 'label', 'mask'} batches covering every example once; the last
+  batch is padded and its padding masked out (mask False). A `batch_size`
+  beyond the split (rounded up to the device count) shrinks to it: the
+  padding would only be masked out."""
   n = len(split)
+  devices = sharding.mesh.size if hasattr(sharding, 'mesh') else 1
+  batch_size = min(batch_size, -(-n // devices) * devices)
   rows = process_rows(batch_size)
 
-  def host_batch(start: int, map_fn: Callable
-                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  def host_batch(reader, start: int) -> Batch:
     idx = np.arange(start, start + batch_size)[rows]
     mask = idx < n
-    return (*split.read(np.where(mask, idx, 0), None, map_fn), mask)
+    return {**reader.read(np.where(mask, idx, 0), None), 'mask': mask}
 
-  return GlobalBatches(sharding,
-                       split.batches(host_batch, range(0, n, batch_size)))
+  return Batches(split, sharding, host_batch, range(0, n, batch_size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+  """The batches of one run: `train_iter(start_step)` and `eval_iter()`,
+  each an iterator to close when done (or use as a context manager)."""
+  dataset: Dataset
+  seed: int
+  batch_size: int
+  eval_batch_size: int
+  sharding: jax.sharding.Sharding
+
+  def train_iter(self, start_step: int = 0) -> Batches:
+    return train_batches(self.dataset.train, self.seed, self.batch_size,
+                         start_step, self.sharding)
+
+  def eval_iter(self) -> Batches:
+    """The evaluation split, each example once."""
+    return eval_batches(self.dataset.eval, self.eval_batch_size,
+                        self.sharding)
 
 
 # ----------------------------------------------------------- augmentation --
@@ -554,18 +536,9 @@ def augment(images: jax.Array, key: jax.Array, translate: int,
   return jax.vmap(one)(images, keys)
 
 
-def is_digit_dataset(dataset: str) -> bool:
-  """Digits (MNIST, SVHN, sklearn digits) must not be flipped horizontally."""
-  name = dataset.lower()
-  return any(d in name for d in ('mnist', 'svhn', 'digits'))
-
-
-def is_svhn(dataset: str) -> bool:
-  return 'svhn' in dataset.lower()
-
-
 def flip_allowed(c: ml_collections.ConfigDict) -> bool:
-  return bool(c.flip) and not is_digit_dataset(c.dataset)
+  """config.flip, unless the registry says a flip changes the class (digits)."""
+  return bool(c.flip) and datasets.lookup(c.dataset).flip
 
 
 def device_augment_fn(c: ml_collections.ConfigDict
@@ -573,7 +546,7 @@ def device_augment_fn(c: ml_collections.ConfigDict
                                              jax.Array]]:
   """`augment` as the train step applies it, or None: config.augment is off,
   or the dataset is streamed (its host crops and flips while decoding)."""
-  if not c.augment or config_lib.is_streamed(c.dataset):
+  if not c.augment or datasets.lookup(c.dataset).streamed:
     return None
   return functools.partial(augment, translate=c.translate_pixels,
                            flip=flip_allowed(c))
@@ -584,19 +557,20 @@ def device_normalize_fn(c: ml_collections.ConfigDict
   """For a streamed dataset (uint8 batches) the normalization of
   config.preprocessing, run on device first in both steps; None otherwise
   (in-memory splits are normalized on the host once)."""
-  if not config_lib.is_streamed(c.dataset):
+  if not datasets.lookup(c.dataset).streamed:
     return None
   return preprocessing.normalizer(streamed_fitted(c))
 
 
 def streamed_fitted(c: ml_collections.ConfigDict) -> preprocessing.Fitted:
   """What a streamed dataset's config.preprocessing stands for: 'standardize'
-  with the fixed ImageNet mean and std, or pixels scaled to [0, 1]."""
+  with the registry's fixed mean and std, or pixels scaled to [0, 1]."""
+  spec = datasets.lookup(c.dataset)
   if c.preprocessing == 'standardize':
     return preprocessing.Fitted(
-        'standardize', PIXEL_MAX_VALUE,
-        {'mean': np.asarray(IMAGENET_MEAN), 'std': np.asarray(IMAGENET_STD)})
-  return preprocessing.Fitted('scale', PIXEL_MAX_VALUE)
+        'standardize', spec.max_value,
+        {'mean': np.asarray(spec.mean), 'std': np.asarray(spec.std)})
+  return preprocessing.Fitted('scale', spec.max_value)
 
 
 def describe(dataset: Dataset) -> Optional[str]:

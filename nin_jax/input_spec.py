@@ -22,16 +22,17 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import preprocessing
+from nin_jax import streaming
+from nin_jax.errors import ConfigError
 
 JSON_NAME = 'preprocessing.json'
 ARRAYS_NAME = 'preprocessing.npz'
 FORMAT_VERSION = 1
 
 
-class MissingSpecError(config_lib.ConfigError):
+class MissingSpecError(ConfigError):
   """A workdir written before nin-jax saved its preprocessing."""
 
 
@@ -60,8 +61,7 @@ def from_dataset(c: ml_collections.ConfigDict,
                  dataset: input_pipeline.Dataset) -> InputSpec:
   """The spec of a run on `dataset` (whose `fitted` holds the statistics)."""
   crop = {}
-  if config_lib.is_streamed(c.dataset):
-    from nin_jax import streaming  # pylint: disable=g-import-not-at-top
+  if dataset.spec.streamed:
     crop = dict(crop_fraction=streaming.EVAL_CROP_FRACTION, square_crop=True)
   return InputSpec(dataset.fitted, tuple(dataset.image_shape),
                    input_pipeline.class_names(c, dataset.num_classes), **crop)

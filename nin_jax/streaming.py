@@ -15,9 +15,8 @@ at least `image_size` pixels, then the crop is resized bilinearly in one step.
 Batches leave the host as uint8 [batch, size, size, 3] and are normalized on
 device (input_pipeline.device_normalize_fn). Each example's random draws come
 from (seed, step, its row in the global batch), so they do not depend on the
-process count and a resumed run crops exactly as an uninterrupted one.
-`Prefetcher` makes the next batches in a background thread while the device
-trains on the current one.
+process count and a resumed run crops exactly as an uninterrupted one. The
+pipeline (input_pipeline.py) reads batches ahead in a background thread.
 """
 
 from __future__ import annotations
@@ -26,28 +25,30 @@ import concurrent.futures
 import dataclasses
 import io
 import math
-import os
-import queue
-import threading
-from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
-import ml_collections
 import numpy as np
 from PIL import Image
 
-from nin_jax import config_lib
-from nin_jax import input_pipeline
-
-DataError = input_pipeline.DataError
+from nin_jax import datasets
+from nin_jax import tfds_source
+from nin_jax.errors import DataError
 
 AREA_RANGE = (0.08, 1.0)
 ASPECT_RANGE = (3 / 4, 4 / 3)
 CROP_ATTEMPTS = 10
 EVAL_CROP_FRACTION = 0.875  # 224 of 256: the shorter side goes to size/0.875.
-PREFETCH_BATCHES = 2
 CROP_STREAM = 0x63726f70    # Tags the crop seeds apart from order seeds.
 
 Box = tuple[float, float, float, float]  # top, left, height, width (pixels).
+
+
+class RowKeys(NamedTuple):
+  """What seeds the random crops of a training batch: the run's seed, the
+  step and the rows [n] (positions in the global batch) being read."""
+  seed: int
+  step: int
+  rows: np.ndarray
 
 
 # ------------------------------------------------------------------ crops --
@@ -128,82 +129,16 @@ def example_rng(seed: int, step: int, row: int) -> np.random.Generator:
   return np.random.default_rng([seed, step, row, CROP_STREAM])
 
 
-# ------------------------------------------------------------- prefetcher --
-
-_END = object()
-
-
-class Prefetcher:
-  """Iterates `make_batch(key, map_fn)` over `keys` in a background thread, up
-  to `depth` batches ahead; `map_fn` maps over a pool of `workers` threads.
-
-  An exception in `make_batch` is raised by `next`. `close()` (called on
-  exhaustion, on error and by `train_batches`/`eval_batches`) stops the
-  threads: the producer is a daemon and pending decodes are cancelled, so
-  nothing outlives the iterator or delays the interpreter's exit.
-  """
-
-  def __init__(self, make_batch: Callable[[Any, Callable], Any],
-               keys: Iterable[Any], workers: int,
-               depth: int = PREFETCH_BATCHES):
-    self._pool = concurrent.futures.ThreadPoolExecutor(
-        workers, thread_name_prefix='nin_jax_decode')
-    self._queue = queue.Queue(maxsize=depth)
-    self._stop = threading.Event()
-    self._thread = threading.Thread(
-        target=self._produce, args=(make_batch, iter(keys)),
-        name='nin_jax_prefetch', daemon=True)
-    self._thread.start()
-
-  def _produce(self, make_batch: Callable, keys: Iterator[Any]) -> None:
-    try:
-      for key in keys:
-        if not self._put(make_batch(key, self._pool.map)):
-          return
-      self._put(_END)
-    except BaseException as e:  # pylint: disable=broad-except
-      self._put(e)  # Raised in the consuming thread.
-
-  def _put(self, item: Any) -> bool:
-    """Queues `item` unless closed first; False if closed."""
-    while not self._stop.is_set():
-      try:
-        self._queue.put(item, timeout=0.1)
-        return True
-      except queue.Full:
-        pass
-    return False
-
-  def __iter__(self) -> Prefetcher:
-    return self
-
-  def __next__(self) -> Any:
-    if self._stop.is_set():
-      raise StopIteration
-    item = self._queue.get()
-    if item is _END or isinstance(item, BaseException):
-      self.close()
-      if item is _END:
-        raise StopIteration
-      raise item
-    return item
-
-  def close(self) -> None:
-    """Stops producing; returns once the background threads have ended."""
-    self._stop.set()
-    self._pool.shutdown(wait=False, cancel_futures=True)
-    self._thread.join()
-    self._pool.shutdown(wait=True)
-
-
 # ------------------------------------------------------------------ split --
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class StreamSplit:
   """A split read and decoded on demand: images uint8 [size, size, 3]
   (random-resized crops and flips if `augment`, else central crops as
-  `central_crop(h, w, crop_fraction, square_crop)`), labels int32. The same
-  interface as `input_pipeline.Split`."""
+  `central_crop(h, w, crop_fraction, square_crop)`), labels int32.
+
+  `open()` gives a reader that decodes with `workers` threads; the pipeline
+  reads it from a background thread (`background`)."""
   source: Sequence[dict]  # {'image': encoded bytes, 'label': int, ...}
   name: str               # 'tfds:imagenet2012 train', for messages.
   image_size: int
@@ -213,6 +148,7 @@ class StreamSplit:
   length: int
   crop_fraction: float = EVAL_CROP_FRACTION
   square_crop: bool = True
+  background = True
 
   def __len__(self) -> int:
     return self.length
@@ -221,57 +157,67 @@ class StreamSplit:
   def image_shape(self) -> tuple[int, int, int]:
     return (self.image_size, self.image_size, 3)
 
-  def read(self, indices: np.ndarray, keys: Optional[input_pipeline.RowKeys],
-           map_fn: Callable = map) -> tuple[np.ndarray, np.ndarray]:
-    """Decoded images [n, size, size, 3] uint8 and labels [n] int32 of the
-    examples `indices` [n]; `keys` (seed, step, rows [n]) seed the random
-    crops of a training batch."""
-    records = self.source.__getitems__([int(i) for i in indices])
-    images = np.empty((len(records), *self.image_shape), np.uint8)
+  def open(self) -> StreamReader:
+    return StreamReader(self)
+
+
+class StreamReader:
+  """Decodes the rows of a `StreamSplit` in a pool of threads (Pillow releases
+  the GIL); `close()` cancels pending decodes and ends the threads."""
+
+  def __init__(self, split: StreamSplit):
+    self.split = split
+    self._pool = concurrent.futures.ThreadPoolExecutor(
+        split.workers, thread_name_prefix='nin_jax_decode')
+
+  def read(self, indices: np.ndarray, keys: Optional[RowKeys]
+           ) -> dict[str, np.ndarray]:
+    """{'image': [n, size, size, 3] uint8, 'label': [n] int32} of the examples
+    `indices` [n]; `keys` (seed, step, rows [n]) seed a training batch's crops."""
+    split = self.split
+    records = split.source.__getitems__([int(i) for i in indices])
+    images = np.empty((len(records), *split.image_shape), np.uint8)
 
     def decode(i: int) -> None:
       rng = None
-      if self.augment and keys is not None:
+      if split.augment and keys is not None:
         rng = example_rng(keys.seed, keys.step, int(keys.rows[i]))
       try:
-        images[i] = decode_crop(records[i]['image'], self.image_size, rng,
-                                self.flip, self.crop_fraction,
-                                self.square_crop)
+        images[i] = decode_crop(records[i]['image'], split.image_size, rng,
+                                split.flip, split.crop_fraction,
+                                split.square_crop)
       except Exception as e:  # pylint: disable=broad-except
-        raise DataError(f'{self.name} example {int(indices[i])}: cannot '
+        raise DataError(f'{split.name} example {int(indices[i])}: cannot '
                         f'decode its image ({type(e).__name__}: {e}).') from e
 
-    for _ in map_fn(decode, range(len(records))):
+    for _ in self._pool.map(decode, range(len(records))):
       pass
     labels = np.asarray([r['label'] for r in records], np.int32)
-    return images, labels
+    return {'image': images, 'label': labels}
 
-  def batches(self, make_batch: Callable[[Any, Callable], Any],
-              keys: Iterable[Any]) -> Prefetcher:
-    """`make_batch(key, map_fn)` for each key, made ahead in the background."""
-    return Prefetcher(make_batch, keys, self.workers)
+  def cancel(self) -> None:
+    """Drops pending decodes (a read in progress then fails), without waiting."""
+    self._pool.shutdown(wait=False, cancel_futures=True)
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def load_dataset(c: ml_collections.ConfigDict,
-                 num_classes: int) -> input_pipeline.Dataset:
-  """The streamed train and evaluation splits of `c.dataset` (nothing decoded
-  yet)."""
-  from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
-  _, name = config_lib.parse_dataset(c.dataset)
-  sources = tfds_source.encoded_sources(name, c.data_dir or None, num_classes,
-                                        with_extra=c.use_extra_split)
+def open_splits(spec: datasets.DatasetSpec, data_dir: Optional[str],
+                num_classes: int, image_size: int, augment: bool, flip: bool,
+                workers: int, max_train_examples: int = 0
+                ) -> tuple[StreamSplit, StreamSplit, str]:
+  """The streamed train and evaluation splits of `spec` (nothing decoded yet)
+  and the evaluation split's name. `flip`: flip training crops (if augment)."""
+  sources = tfds_source.encoded_sources(spec.name, data_dir, num_classes)
   (train_name, train), (eval_name, evaluation) = sources.items()
-  size = config_lib.streamed_image_size(c)
-  workers = c.data_workers or os.cpu_count() or 1
   length = len(train)
-  if c.max_train_examples:
-    length = min(length, c.max_train_examples)
+  if max_train_examples:
+    length = min(length, max_train_examples)
 
   def split(source, split_name, augment, n):
-    return StreamSplit(source, f'{c.dataset} {split_name}', size, augment,
-                       input_pipeline.flip_allowed(c), workers, n)
+    return StreamSplit(source, f'{spec.config_string} {split_name}',
+                       image_size, augment, flip, workers, n)
 
-  return input_pipeline.Dataset(
-      c.dataset, split(train, train_name, bool(c.augment), length),
-      split(evaluation, eval_name, False, len(evaluation)), num_classes,
-      eval_name, input_pipeline.streamed_fitted(c))
+  return (split(train, train_name, augment, length),
+          split(evaluation, eval_name, False, len(evaluation)), eval_name)

@@ -8,8 +8,9 @@ tensorflow-datasets, array_record and Pillow. Every split nin-jax trains on
 (ImageNet aside) fits in host memory, so tf.data's streaming buys nothing here:
 each split is decoded once at start (about 6,700 CIFAR-sized images/s on a
 2-core CPU, experiments/input_benchmark.py) and batched from memory after that.
-ImageNet does not fit: `encoded_sources` hands its splits to streaming.py with
-the JPEGs left encoded, to be decoded and cropped batch by batch.
+ImageNet does not fit: `encoded_sources` hands its splits over with the JPEGs
+left encoded, for streaming.py to decode and crop batch by batch. Which splits
+a dataset has comes from its registry entry (datasets.py).
 
 Nothing here downloads: `open_builder` looks for a prepared copy in `data_dir`
 and raises `DataError` at once (well under a second) when there is none,
@@ -25,15 +26,9 @@ from typing import Optional, Sequence
 import numpy as np
 from absl import logging
 
-from nin_jax import config_lib
-from nin_jax import input_pipeline
+from nin_jax import datasets
+from nin_jax.errors import DataError
 
-DataError = input_pipeline.DataError
-
-# Splits read per dataset; SVHN's 'extra' is read only when asked for.
-EXTRA_SPLITS = {'svhn_cropped': 'extra'}
-# The evaluation split where it is not 'test'.
-EVAL_SPLITS = {'imagenet2012': 'validation'}
 READ_CHUNK = 4096
 
 
@@ -127,15 +122,16 @@ def read_split(source, name: str, split: str) -> Arrays:
 
 
 def split_names(name: str, with_extra: bool = False) -> list[str]:
-  """The splits read: 'train', the evaluation split, 'extra' if `with_extra`."""
-  base = config_lib.tfds_base_name(name)
-  splits = ['train', EVAL_SPLITS.get(base, 'test')]
+  """The splits read: 'train', the evaluation split, and the extra splits if
+  `with_extra`."""
+  spec = datasets.lookup(f'tfds:{name}')
+  splits = ['train', spec.eval_split]
   if with_extra:
-    if base not in EXTRA_SPLITS:
+    if not spec.extra_splits:
       raise DataError(
           f'config.use_extra_split=True but tfds:{name} has no extra split; '
-          f'only {sorted(EXTRA_SPLITS)} has one. Set it to False.')
-    splits.append(EXTRA_SPLITS[base])
+          'set it to False.')
+    splits += spec.extra_splits
   return splits
 
 
@@ -154,11 +150,10 @@ def load_arrays(name: str, data_dir: Optional[str] = None,
                 splits: Optional[Sequence[str]] = None) -> dict[str, Arrays]:
   """Reads `splits` (default: 'train', 'test', and 'extra' if `with_extra`)
   into memory."""
-  if config_lib.tfds_base_name(name) in config_lib.STREAMED_TFDS:
+  if datasets.lookup(f'tfds:{name}').streamed:
     raise DataError(
         f'config.dataset=tfds:{name} does not fit in host memory: it is '
-        f'streamed batch by batch (input_pipeline.load_dataset), never read '
-        f'whole.')
+        f'streamed batch by batch (streaming.py), never read whole.')
   builder = open_builder(name, data_dir)
   splits = list(splits or split_names(name, with_extra))
   _check_splits(builder, name, splits)

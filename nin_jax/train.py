@@ -8,6 +8,7 @@ several GPUs or a TPU slice.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -107,11 +108,12 @@ def _apply(model, state_or_params, batch_stats, images, train, rng=None):
   return model.apply(variables, images, train=False)
 
 
-def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
+def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                model: models.NiN, tx: optax.GradientTransformation,
                schedule: optimizer_lib.Schedule, augment_fn: Optional[Callable],
                plateau: bool) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One SGD step on a global batch: images [batch, h, w, c], labels [batch].
+  """One SGD step on a global batch {'image': [batch, h, w, c], 'label':
+  [batch]}.
 
   Dropout and augmentation keys are folded from (run key, step), so a run is
   reproducible and independent of the device count.
@@ -119,6 +121,7 @@ def train_step(state: TrainState, images: jax.Array, labels: jax.Array, *,
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                 state.step)
   dropout_key, augment_key = jax.random.split(step_key)
+  images, labels = batch['image'], batch['label']
   if augment_fn is not None:
     images = augment_fn(images, augment_key)
 
@@ -168,10 +171,12 @@ def all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(checks)) if checks else jnp.bool_(True)
 
 
-def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
-              mask: jax.Array, *, model: models.NiN) -> dict[str, jax.Array]:
+def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
+              model: models.NiN) -> dict[str, jax.Array]:
   """Sums of loss and correct predictions (top-1, and top-5 for more than 5
-  classes) over the unmasked rows of a batch."""
+  classes) over the rows of a batch {'image', 'label', 'mask'} whose mask is
+  True."""
+  images, labels, mask = batch['image'], batch['label'], batch['mask']
   logits = _apply(model, state.params, state.batch_stats, images, False)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, -1) == labels
@@ -185,24 +190,14 @@ def eval_step(state: TrainState, images: jax.Array, labels: jax.Array,
 
 
 def evaluate(eval_fn: Callable, state: TrainState,
-             split: input_pipeline.AnySplit, batch_size: int,
-             sharding: NamedSharding) -> dict[str, float]:
-  """Loss, accuracy (and top-5 accuracy) and error over every example of
-  `split`, each once.
-
-  A `batch_size` beyond the split (rounded up to the device count) shrinks to
-  it: the padding would only be masked out.
-  """
-  devices = sharding.mesh.size
-  batch_size = min(batch_size, -(-len(split) // devices) * devices)
+             batches: input_pipeline.Batches) -> dict[str, float]:
+  """Loss, accuracy (and top-5 accuracy) and error over `batches` (an
+  evaluation split, each example once); closes `batches`."""
   totals = None
-  batches = input_pipeline.eval_batches(split, batch_size, sharding)
-  try:
+  with contextlib.closing(batches):
     for batch in batches:
-      sums = eval_fn(state, *batch)
+      sums = eval_fn(state, batch)
       totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-  finally:
-    batches.close()  # Stops a streamed split's decoding threads.
   totals = jax.device_get(totals)
   count = int(totals['count'])
   accuracy = float(totals['correct']) / count
@@ -227,7 +222,7 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
           train_step, model=model, tx=tx, schedule=schedule,
           augment_fn=input_pipeline.device_augment_fn(c),
           plateau=c.schedule == 'plateau'), normalize_fn)),
-      in_shardings=(state_sharding, data, data),
+      in_shardings=(state_sharding, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
   return train_fn, compile_eval_step(model, mesh, state_sharding,
@@ -242,7 +237,7 @@ def compile_eval_step(model: models.NiN, mesh: Mesh, state_sharding: Any,
   return jax.jit(
       _under_mesh(mesh, _normalize_first(
           functools.partial(eval_step, model=model), normalize_fn)),
-      in_shardings=(state_sharding, data, data, data),
+      in_shardings=(state_sharding, data),
       out_shardings=NamedSharding(mesh, P()))
 
 
@@ -258,11 +253,12 @@ def _under_mesh(mesh: Mesh, step_fn: Callable) -> Callable:
 
 def _normalize_first(step_fn: Callable,
                      normalize_fn: Optional[Callable]) -> Callable:
-  """`step_fn(state, images, ...)` fed `normalize_fn(images)` (if any)."""
+  """`step_fn(state, batch)` fed the batch with `normalize_fn(batch['image'])`
+  (if any)."""
   if normalize_fn is None:
     return step_fn
-  return lambda state, images, *rest: step_fn(state, normalize_fn(images),
-                                               *rest)
+  return lambda state, batch: step_fn(
+      state, {**batch, 'image': normalize_fn(batch['image'])})
 
 
 def num_train_steps(c: ml_collections.ConfigDict, num_examples: int) -> int:
@@ -365,64 +361,130 @@ class StallDetector:
 
 
 class TrainLog:
-  """Averages train metrics over windows of `log_every_steps` and writes them
-  (metrics.jsonl, TensorBoard, a console line with img/s and ETA); stops on a
-  non-finite step and warns about a stall."""
+  """The log-window hook: keeps each step's metrics on device and fetches
+  the pending ones in one transfer (at log steps, and before anything is
+  evaluated or saved); writes each window's means (metrics.jsonl, TensorBoard,
+  a console line with img/s and ETA counted on training time alone); stops on
+  a non-finite step (or skips it) and warns about a stall."""
 
   def __init__(self, c: ml_collections.ConfigDict,
                writer: metric_writers.MetricWriter, steps_per_epoch: int,
-               total_steps: int, start_step: int, num_classes: int):
+               total_steps: int, num_classes: int):
     self.c = c
     self.writer = writer
     self.steps_per_epoch = steps_per_epoch
     self.total_steps = total_steps
     self.stall = StallDetector(num_classes)
-    self._reset(start_step)
-
-  def _reset(self, step: int) -> None:
+    self.pending = []  # (step index, metrics on device)
     self.losses, self.accuracies = [], []
-    self.window_start, self.window_time = step, time.time()
+    self.clock = None  # Starts once the run's first (compiling) step is done.
+    self.timed_from = 0
+    self.paused_seconds = 0.0
 
-  def add(self, step: int, m: dict[str, Any], last_good: str) -> None:
-    """Takes the host metrics of train step `step` (0-based)."""
-    if not bool(m['finite']):
-      loss, norm = float(m['loss']), float(m['grad_norm'])
-      reason = (f'loss {loss}, gradient norm {norm} is not finite'
-                if not (math.isfinite(loss) and math.isfinite(norm)) else
-                'the update overflowed the parameters, momentum or BatchNorm '
-                f'statistics (loss {loss}, gradient norm {norm})')
-      if self.c.skip_nonfinite_steps:
-        logging.warning('Step %d: %s; step skipped.', step, reason)
-      else:
-        raise NonFiniteError(
-            f'Step {step}: {reason}; stopped. The last good '
-            f'checkpoint is {last_good}. Lower config.learning_rate or use '
-            f"config.model.weight_init='modern'.")
-    else:
+  def record(self, done: int, metrics: dict[str, jax.Array]) -> None:
+    """Takes the metrics of the step that completed `done` steps."""
+    self.pending.append((done - 1, metrics))
+    if self.clock is None:
+      jax.block_until_ready(metrics)
+      self._restart_clock(done)
+
+  def due(self, done: int) -> bool:
+    return done % self.c.log_every_steps == 0 or done == self.total_steps
+
+  @contextlib.contextmanager
+  def paused(self):
+    """Time spent inside (evaluation, checkpoints) is not training time."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.paused_seconds += time.perf_counter() - start
+
+  def flush(self, done: int, last_good: str) -> None:
+    """Fetches the pending metrics; writes a window if `done` is a log step.
+    Raises NonFiniteError at the first non-finite step (unless skipping)."""
+    host = jax.device_get([m for _, m in self.pending])
+    for (index, _), m in zip(self.pending, host):
+      self._check(index, m, last_good)
+    self.pending = []
+    if self.due(done):
+      if self.losses:
+        self._write(done, host[-1])
+      self.losses, self.accuracies = [], []
+      self._restart_clock(done)
+
+  def _restart_clock(self, done: int) -> None:
+    self.clock, self.timed_from, self.paused_seconds = (
+        time.perf_counter(), done, 0.0)
+
+  def _check(self, index: int, m: dict[str, Any], last_good: str) -> None:
+    if bool(m['finite']):
       self.losses.append(float(m['loss']))
       self.accuracies.append(float(m['accuracy']))
-    done = step + 1
-    if done % self.c.log_every_steps and done != self.total_steps:
       return
-    if self.losses:
-      self._write(done, m)
-    self._reset(done)
+    loss, norm = float(m['loss']), float(m['grad_norm'])
+    reason = (f'loss {loss}, gradient norm {norm} is not finite'
+              if not (math.isfinite(loss) and math.isfinite(norm)) else
+              'the update overflowed the parameters, momentum or BatchNorm '
+              f'statistics (loss {loss}, gradient norm {norm})')
+    if not self.c.skip_nonfinite_steps:
+      raise NonFiniteError(
+          f'Step {index}: {reason}; stopped. The last good checkpoint is '
+          f'{last_good}. Lower config.learning_rate or use '
+          f"config.model.weight_init='modern'.")
+    logging.warning('Step %d: %s; step skipped.', index, reason)
 
   def _write(self, done: int, m: dict[str, Any]) -> None:
-    elapsed = max(time.time() - self.window_time, 1e-9)
-    images_per_sec = (done - self.window_start) * self.c.batch_size / elapsed
     record = {'loss': float(np.mean(self.losses)),
               'accuracy': float(np.mean(self.accuracies)),
               'learning_rate': float(m['learning_rate']),
               'grad_norm': float(m['grad_norm']),
-              'images_per_sec': images_per_sec,
               'epoch': done / self.steps_per_epoch}
+    timed = done - self.timed_from
+    seconds = time.perf_counter() - self.clock - self.paused_seconds
+    speed = ''
+    if timed > 0 and seconds > 0:
+      record['images_per_sec'] = timed * self.c.batch_size / seconds
+      eta = (self.total_steps - done) * seconds / timed
+      speed = (f' {record["images_per_sec"]:.0f} img/s ETA '
+               f'{_format_eta(eta)}')
     self.writer.write(done, 'train', record)
     self.stall.update(record['loss'], float(m['logit_spread']), done)
-    eta = (self.total_steps - done) * self.c.batch_size / images_per_sec
-    logging.info('step %d/%d loss %.4f acc %.4f lr %.3g %.0f img/s ETA %s',
-                 done, self.total_steps, record['loss'], record['accuracy'],
-                 record['learning_rate'], images_per_sec, _format_eta(eta))
+    logging.info('step %d/%d loss %.4f acc %.4f lr %.3g%s', done,
+                 self.total_steps, record['loss'], record['accuracy'],
+                 record['learning_rate'], speed)
+
+
+class Profiler:
+  """The profiling hook: a `jax.profiler` trace of `num_steps` steps (after
+  the first, compiling one) into WORKDIR/profile, for TensorBoard's profile
+  plugin or Perfetto."""
+
+  def __init__(self, workdir: str, num_steps: int, start_step: int):
+    self.logdir = str(epath.Path(workdir) / 'profile')
+    # Steps are numbered by the count they complete: the run's first step,
+    # start_step + 1, compiles and is not traced.
+    self.first = start_step + 2
+    self.last = start_step + 1 + num_steps
+    self.active = False
+    self.enabled = num_steps > 0 and jax.process_index() == 0
+
+  def before_step(self, done: int) -> None:
+    if self.enabled and done == self.first:
+      jax.profiler.start_trace(self.logdir)
+      self.active = True
+
+  def after_step(self, done: int, state: Any) -> None:
+    if self.active and done == self.last:
+      self.stop(state, done)
+
+  def stop(self, state: Any, done: int) -> None:
+    if self.active:
+      jax.block_until_ready(state)
+      jax.profiler.stop_trace()
+      self.active = False
+      logging.info('Profile of steps %d-%d written to %s.', self.first, done,
+                   self.logdir)
 
 
 def _format_eta(seconds: float) -> str:
@@ -471,6 +533,37 @@ def create_trainer(c: ml_collections.ConfigDict,
                  NamedSharding(mesh, P(DATA_AXIS)), per_epoch, total_steps)
 
 
+def prepare(c: ml_collections.ConfigDict, workdir: str
+            ) -> input_pipeline.Dataset:
+  """Checks `c` and `workdir` and opens the dataset: every user error is
+  raised here, before anything is compiled or written."""
+  config_lib.validate_config(c, jax.device_count())
+  config_lib.check_conv_impl(c, jax.default_backend())
+  config_lib.check_workdir(workdir)
+  check_resume_compatible(c, workdir)
+  dataset = input_pipeline.load_dataset(
+      c, models.PRESETS[c.preset].num_classes,
+      config_lib.streamed_image_size(c))
+  config_lib.check_image_size(c, *dataset.image_shape)
+  config_lib.check_batch_size(c, len(dataset.train))
+  config_lib.check_schedule_length(
+      c, input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size))
+  return dataset
+
+
+class Checkpointer:
+  """The checkpoint hook: saves the state at a step once (orbax, async)."""
+
+  def __init__(self, manager: Any, last_saved: Optional[int]):
+    self.manager = manager
+    self.last_saved = last_saved
+
+  def __call__(self, step: int, state: TrainState) -> None:
+    if self.last_saved != step:
+      checkpoints.save(self.manager, step, state, force=True)
+      self.last_saved = step
+
+
 def train_and_evaluate(c: ml_collections.ConfigDict,
                        workdir: str) -> dict[str, Any]:
   """Trains `c` in `workdir`, resuming from its newest checkpoint.
@@ -479,45 +572,34 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   invalid config before anything is compiled or written, NonFiniteError when
   the loss or gradient stops being finite.
   """
-  num_devices = jax.device_count()
-  config_lib.validate_config(c, num_devices)
-  config_lib.check_conv_impl(c, jax.default_backend())
-  config_lib.check_workdir(workdir)
-  check_resume_compatible(c, workdir)
-  dataset = input_pipeline.load_dataset(
-      c, models.PRESETS[c.preset].num_classes)
-  config_lib.check_image_size(c, *dataset.image_shape)
-  config_lib.check_batch_size(c, len(dataset.train))
-  config_lib.check_schedule_length(
-      c, input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size))
-
+  dataset = prepare(c, workdir)
   trainer = create_trainer(c, dataset.image_shape, len(dataset.train))
-  train_fn, eval_fn = trainer.train_fn, trainer.eval_fn
-  data_sharding = trainer.data_sharding
-  per_epoch, total_steps = trainer.steps_per_epoch, trainer.total_steps
-  state = trainer.state
-
+  pipeline = input_pipeline.Pipeline(dataset, c.seed, c.batch_size,
+                                     c.eval_batch_size, trainer.data_sharding)
   write_config(c, workdir)
   input_spec.save(workdir, input_spec.from_dataset(c, dataset))
   manager = checkpoints.create_manager(workdir, c.keep_checkpoints)
-  restored_step, state = checkpoints.restore_latest(manager, state)
+  restored_step, state = checkpoints.restore_latest(manager, trainer.state)
   if restored_step is not None:
     logging.info('Resumed from the checkpoint at step %d.', restored_step)
-  start_step = int(state.step)
-
-  writer = metric_writers.MetricWriter(workdir)
-  eval_every = c.eval_every_steps or per_epoch
-  ckpt_every = c.checkpoint_every_steps or per_epoch
-  batches = input_pipeline.train_batches(dataset.train, c.seed, c.batch_size,
-                                         start_step, data_sharding)
+  step = start_step = int(state.step)
+  total_steps = trainer.total_steps
   logging.info('Training %s (%d params) on %d device(s) for %d steps '
                '(%d per epoch) from step %d.', c.preset,
-               sum(x.size for x in jax.tree.leaves(state.params)), num_devices,
-               total_steps, per_epoch, start_step)
+               sum(x.size for x in jax.tree.leaves(state.params)),
+               jax.device_count(), total_steps, trainer.steps_per_epoch,
+               start_step)
 
-  def run_eval(step: int) -> dict[str, Any]:
-    metrics = evaluate(eval_fn, state, dataset.eval, c.eval_batch_size,
-                       data_sharding)
+  writer = metric_writers.MetricWriter(workdir)
+  log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
+                 models.PRESETS[c.preset].num_classes)
+  save = Checkpointer(manager, restored_step)
+  profiler = Profiler(workdir, c.profile_steps, start_step)
+  eval_every = c.eval_every_steps or trainer.steps_per_epoch
+  save_every = c.checkpoint_every_steps or trainer.steps_per_epoch
+
+  def evaluate_at(step: int) -> dict[str, Any]:
+    metrics = evaluate(trainer.eval_fn, state, pipeline.eval_iter())
     writer.write(step, dataset.eval_name, metrics)
     top5 = (f' top-5 {metrics["top5_accuracy"]:.4f}'
             if 'top5_accuracy' in metrics else '')
@@ -526,55 +608,35 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
                  top5, metrics['error'])
     return metrics
 
-  last_saved = restored_step
-  train_log = TrainLog(c, writer, per_epoch, total_steps, start_step,
-                       models.PRESETS[c.preset].num_classes)
-  pending = None  # (step, metrics) of the step dispatched before this one.
-  eval_metrics = None
-  step = start_step
-
-  def handle_metrics(done_step: int, metrics: dict[str, jax.Array]) -> None:
-    train_log.add(done_step, jax.device_get(metrics),
-                  f'step {last_saved} in {workdir}/checkpoints')
-
-  def checkpoint(at_step: int) -> None:
-    nonlocal last_saved
-    if last_saved == at_step:
-      return
-    checkpoints.save(manager, at_step, state, force=True)
-    last_saved = at_step
-
+  # A finished run resumed (to write what an older version did not) is
+  # evaluated again, and trains no further.
+  eval_metrics = evaluate_at(step) if step == total_steps else None
+  batches = pipeline.train_iter(start_step)
   try:
     with _PreemptionFlag() as preempted:
       while step < total_steps:
-        state, metrics = train_fn(state, *next(batches))
-        if pending is not None:
-          handle_metrics(*pending)
-        pending = (step, metrics)
+        profiler.before_step(step + 1)
+        state, metrics = trainer.train_fn(state, next(batches))
         step += 1
-        boundary = (step % eval_every == 0, step % ckpt_every == 0)
-        stop = preempted.check(step)
-        if any(boundary) or stop or step == total_steps:
-          handle_metrics(*pending)
-          pending = None
-        if boundary[0] and step < total_steps:
-          eval_metrics = run_eval(step)
-        if boundary[1] and step < total_steps:
-          checkpoint(step)
+        log.record(step, metrics)
+        profiler.after_step(step, state)
+        stop, last = preempted.check(step), step == total_steps
+        evaluate_now = step % eval_every == 0 or last
+        save_now = step % save_every == 0 or last or stop
+        if log.due(step) or evaluate_now or save_now:
+          log.flush(step, f'step {save.last_saved} in {workdir}/checkpoints')
+        with log.paused():
+          if evaluate_now:
+            eval_metrics = evaluate_at(step)
+          if save_now:
+            save(step, state)
         if stop:
-          checkpoint(step)
           logging.warning('SIGTERM: saved step %d; exiting.', step)
           break
-      if pending is not None:
-        handle_metrics(*pending)
-      if step == total_steps:
-        eval_metrics = run_eval(step)
-        checkpoint(step)
   finally:
+    profiler.stop(state, step)
     batches.close()  # Stops a streamed split's decoding threads.
     manager.wait_until_finished()
     manager.close()
     writer.close()
-  result = dict(eval_metrics or {})
-  result['step'] = step
-  return result
+  return {**(eval_metrics or {}), 'step': step}

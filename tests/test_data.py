@@ -13,6 +13,7 @@ from tensorflow_datasets.testing import mocking
 
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import readers
 from nin_jax import preprocessing
 from nin_jax import tfds_source
 from nin_jax import train
@@ -189,7 +190,7 @@ def test_validation_split_of_a_small_set_is_its_last_sixth():
   c = config_lib.default_config()
   c.dataset, c.validation_split, c.preset = 'sklearn:digits', True, 'quickstart'
   dataset = input_pipeline.load_dataset(c, 10)
-  full = input_pipeline.load_digits()
+  full = readers.load_digits()
   assert dataset.eval_name == 'validation'
   assert len(dataset.eval) == len(full[1]) // 6
   assert len(dataset.train) + len(dataset.eval) == len(full[1])
@@ -351,26 +352,26 @@ def test_bad_npz_is_one_line_naming_file_and_key(tmp_path, overrides,
                                                  message):
   path = write_npz(tmp_path / 'bad.npz', **overrides)
   with pytest.raises(DataError, match=message) as error:
-    input_pipeline.load_npz(path)
+    readers.load_npz(path)
   assert '\n' not in str(error.value) and path in str(error.value)
 
 
 def test_npz_that_is_not_an_archive(tmp_path):
   np.save(tmp_path / 'one.npy', np.zeros(3))
   with pytest.raises(DataError, match=r'single \.npy array.*np\.savez'):
-    input_pipeline.load_npz(str(tmp_path / 'one.npy'))
+    readers.load_npz(str(tmp_path / 'one.npy'))
   (tmp_path / 'text.npz').write_text('x_train,y_train\n1,2\n')
   with pytest.raises(DataError, match=r'not a \.npz \(zip\) archive'):
-    input_pipeline.load_npz(str(tmp_path / 'text.npz'))
+    readers.load_npz(str(tmp_path / 'text.npz'))
   with pytest.raises(DataError, match='no such file'):
-    input_pipeline.load_npz(str(tmp_path))
+    readers.load_npz(str(tmp_path))
 
 
 def test_npz_accepts_column_labels_and_mixed_channel_axis(tmp_path):
   path = write_npz(tmp_path / 'ok.npz',
                    x_test=np.zeros((10, 8, 8, 1), np.uint8),
                    y_train=(np.arange(20) % 10).reshape(20, 1).astype(np.uint8))
-  x_train, y_train, x_test, y_test = input_pipeline.load_npz(path)
+  x_train, y_train, x_test, y_test = readers.load_npz(path)
   assert x_train.shape == (20, 8, 8, 1) and x_test.shape == (10, 8, 8, 1)
   assert y_train.shape == (20,) and y_train.dtype == y_test.dtype == np.int32
 

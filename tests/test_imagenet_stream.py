@@ -72,8 +72,10 @@ def sharding():
 
 
 def host_batches(iterator, n):
-  """The first n batches of `iterator` as numpy arrays; closes it."""
-  batches = [tuple(np.asarray(x) for x in next(iterator)) for _ in range(n)]
+  """The first n batches of `iterator` as (images, labels) numpy arrays;
+  closes it."""
+  batches = [tuple(np.asarray(b[k]) for k in ('image', 'label'))
+             for b in (next(iterator) for _ in range(n))]
   iterator.close()
   return batches
 
@@ -215,8 +217,8 @@ def test_each_process_decodes_its_rows_of_the_same_global_batch(
 def test_eval_covers_every_example_once_with_central_crops(dataset,
                                                            sharding):
   batches = list(input_pipeline.eval_batches(dataset.eval, 5, sharding))
-  images, labels, mask = (np.concatenate([np.asarray(b[i]) for b in batches])
-                          for i in range(3))
+  images, labels, mask = (np.concatenate([np.asarray(b[k]) for b in batches])
+                          for k in ('image', 'label', 'mask'))
   assert len(batches) == 3 and mask.tolist() == [True] * 12 + [False] * 3
   np.testing.assert_array_equal(labels[:12], source_labels(dataset.eval))
   records = dataset.eval.source.__getitems__([0, 11])

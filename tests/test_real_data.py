@@ -7,6 +7,7 @@ import pytest
 from conftest import shared_data_dir
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import readers
 from nin_jax import train
 
 
@@ -37,7 +38,7 @@ def test_cifar10_npz_loads_with_official_counts_and_statistics():
   path = shared_data_dir() / 'cifar10' / 'cifar10.npz'
   if not path.exists():
     pytest.skip(f'{path} not found; set NIN_JAX_DATA_DIR')
-  x_train, y_train, x_test, y_test = input_pipeline.load_npz(str(path))
+  x_train, y_train, x_test, y_test = readers.load_npz(str(path))
   assert x_train.shape == (50_000, 32, 32, 3)
   assert x_test.shape == (10_000, 32, 32, 3)
   assert np.bincount(y_train).tolist() == [5000] * 10

@@ -43,7 +43,8 @@ def test_train_steps_lower_the_loss_on_a_fixed_batch(quickstart_config):
   labels = jax.device_put(labels, trainer.data_sharding)
   losses = []
   for _ in range(25):
-    state, metrics = trainer.train_fn(state, images, labels)
+    state, metrics = trainer.train_fn(state, {'image': images,
+                                              'label': labels})
     losses.append(float(metrics['loss']))
   assert int(state.step) == 25
   assert losses[-1] < 0.5 * losses[0]
@@ -116,7 +117,7 @@ def test_batches_are_a_function_of_seed_and_step():
   sharding = jax.sharding.NamedSharding(train.create_mesh(),
                                         jax.sharding.PartitionSpec('data'))
   resumed = next(input_pipeline.train_batches(split, 3, 32, 5, sharding))
-  np.testing.assert_array_equal(np.asarray(resumed[1]), idx[5])
+  np.testing.assert_array_equal(np.asarray(resumed['label']), idx[5])
 
 
 def test_eval_covers_every_example_once():
@@ -126,8 +127,8 @@ def test_eval_covers_every_example_once():
   sharding = jax.sharding.NamedSharding(train.create_mesh(),
                                         jax.sharding.PartitionSpec('data'))
   seen = []
-  for _, labels, mask in input_pipeline.eval_batches(split, 16, sharding):
-    seen.append(int(np.asarray(mask).sum()))
+  for batch in input_pipeline.eval_batches(split, 16, sharding):
+    seen.append(int(np.asarray(batch['mask']).sum()))
   assert sum(seen) == n and len(seen) == 3
 
 
@@ -260,3 +261,123 @@ def test_relative_workdir(quickstart_config, tmp_path, monkeypatch):
                                     'runs/relative')
   assert result['step'] == 2
   assert (tmp_path / 'runs' / 'relative' / 'checkpoints' / '2').exists()
+
+
+class FakeWriter:
+  def __init__(self):
+    self.rows = []
+
+  def write(self, step, split, record):
+    self.rows.append((step, split, record))
+
+
+def step_metrics(loss=1.0, finite=True):
+  return {'loss': np.float32(loss), 'accuracy': np.float32(0.5),
+          'grad_norm': np.float32(1.0), 'logit_spread': np.float32(1.0),
+          'learning_rate': np.float32(0.1), 'finite': np.bool_(finite)}
+
+
+def test_images_per_second_count_training_time_alone(quickstart_config,
+                                                     monkeypatch):
+  """The first (compiling) step and time inside `paused` (evaluation,
+  checkpoints) are left out of img/s and the ETA."""
+  now = [0.0]
+  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
+  c = quickstart_config
+  c.batch_size, c.log_every_steps = 10, 4
+  writer = FakeWriter()
+  log = train.TrainLog(c, writer, steps_per_epoch=100, total_steps=8,
+                       num_classes=10)
+  for done in range(1, 9):
+    now[0] += 1000.0 if done == 1 else 2.0  # Step 1 compiles.
+    log.record(done, step_metrics())
+    if done == 2:
+      with log.paused():
+        now[0] += 500.0  # An evaluation.
+    if log.due(done):
+      log.flush(done, 'none')
+  (_, _, first), (_, _, second) = [r for r in writer.rows]
+  # Steps 2-4 (3 steps, 6 s), then steps 5-8 (4 steps, 8 s): 5 img/s.
+  assert first['images_per_sec'] == pytest.approx(3 * 10 / 6.0)
+  assert second['images_per_sec'] == pytest.approx(4 * 10 / 8.0)
+
+
+def test_metrics_leave_the_device_only_at_log_eval_and_save_steps(
+    quickstart_config, tmp_path, monkeypatch):
+  flushed = []
+  flush = train.TrainLog.flush
+
+  def recording(self, done, last_good):
+    flushed.append(done)
+    return flush(self, done, last_good)
+
+  monkeypatch.setattr(train.TrainLog, 'flush', recording)
+  fetched = []
+  device_get = jax.device_get
+  monkeypatch.setattr(train.jax, 'device_get',
+                      lambda x: fetched.append(1) or device_get(x))
+  c = short(quickstart_config, steps=12, log_every_steps=5,
+            eval_every_steps=8, checkpoint_every_steps=6)
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert flushed == [5, 6, 8, 10, 12]
+  # One fetch per flush and one per evaluation (steps 8 and 12).
+  assert len(fetched) == len(flushed) + 2
+
+
+def test_nonfinite_step_is_reported_at_its_own_step_when_fetched_late(
+    quickstart_config):
+  c = quickstart_config
+  c.log_every_steps = 10
+  log = train.TrainLog(c, FakeWriter(), 100, 100, 10)
+  for done, finite in ((1, True), (2, True), (3, False), (4, False)):
+    log.record(done, step_metrics(float('nan') if not finite else 1.0,
+                                  finite))
+  with pytest.raises(train.NonFiniteError, match=r'^Step 2: loss nan'):
+    log.flush(4, 'step 0')
+
+
+def test_profile_steps_writes_a_trace_into_the_workdir(quickstart_config,
+                                                       tmp_path, caplog):
+  caplog.set_level('INFO')
+  c = short(quickstart_config, steps=4, profile_steps=2)
+  train.train_and_evaluate(c, str(tmp_path / 'run'))
+  traces = list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
+  assert len(traces) == 1 and traces[0].stat().st_size > 0
+  assert any('Profile of steps 2-3' in r.getMessage() for r in caplog.records)
+
+
+def test_a_finished_run_resumed_evaluates_and_trains_no_further(
+    quickstart_config, tmp_path):
+  c = short(quickstart_config, steps=3)
+  workdir = str(tmp_path / 'run')
+  first = train.train_and_evaluate(c, workdir)
+  again = train.train_and_evaluate(c, workdir)
+  assert again['step'] == first['step'] == 3
+  assert again['accuracy'] == first['accuracy']
+  lines = [r for r in metric_writers.read_metrics(workdir)
+           if r['split'] == 'train']
+  assert [r['step'] for r in lines] == [1, 2, 3]
+
+
+def test_pipeline_batches_are_dicts_and_close(quickstart_config):
+  images = np.arange(40, dtype=np.float32).reshape(10, 2, 2, 1)
+  dataset = input_pipeline.Dataset(
+      'sklearn:digits', input_pipeline.Split(images, np.arange(10) % 3),
+      input_pipeline.Split(images[:7], np.arange(7) % 3), 3)
+  mesh = train.create_mesh()
+  pipeline = input_pipeline.Pipeline(
+      dataset, seed=0, batch_size=4, eval_batch_size=100,
+      sharding=jax.sharding.NamedSharding(mesh,
+                                          jax.sharding.PartitionSpec('data')))
+  with pipeline.train_iter(start_step=2) as batches:
+    batch = next(batches)
+  assert set(batch) == {'image', 'label'} and batch['image'].shape == (
+      4, 2, 2, 1)
+  np.testing.assert_array_equal(
+      np.asarray(batch['label']),
+      np.arange(10)[input_pipeline.train_batch_indices(0, 2, 4, 10)] % 3)
+  evaluation = list(pipeline.eval_iter())
+  # The batch of 100 shrinks to the 7 examples (rounded up to the devices).
+  assert len(evaluation) == 1 and set(evaluation[0]) == {'image', 'label',
+                                                         'mask'}
+  assert int(np.asarray(evaluation[0]['mask']).sum()) == 7
