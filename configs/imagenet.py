@@ -51,6 +51,7 @@ def get_config(variant: str = 'modern') -> ml_collections.ConfigDict:
   c.schedule = 'step'
   c.lr_boundaries_epochs = (30.0, 60.0, 80.0)
   c.model.weight_init = 'modern'
+  c.model.batch_norm = False
   c.dtype = 'bfloat16'
   c.log_every_steps = 100
   c.eval_every_steps = 5000

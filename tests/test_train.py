@@ -381,3 +381,4 @@ def test_pipeline_batches_are_dicts_and_close(quickstart_config):
   assert len(evaluation) == 1 and set(evaluation[0]) == {'image', 'label',
                                                          'mask'}
   assert int(np.asarray(evaluation[0]['mask']).sum()) == 7
+
