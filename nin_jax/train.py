@@ -505,7 +505,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     logging.info('Resumed from the checkpoint at step %d.', restored_step)
   start_step = int(state.step)
 
-  writer = metric_writers.MetricWriter(workdir)
+  writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   eval_every = c.eval_every_steps or per_epoch
   ckpt_every = c.checkpoint_every_steps or per_epoch
   batches = input_pipeline.train_batches(dataset.train, c.seed, c.batch_size,
@@ -541,6 +541,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     nonlocal last_saved
     if last_saved == at_step:
       return
+    writer.flush()  # The metrics up to a checkpoint outlive a kill after it.
     checkpoints.save(manager, at_step, state, force=True)
     last_saved = at_step
 
