@@ -29,9 +29,9 @@ def _bucket(workdir: str) -> str:
   return f'{scheme}://{rest.split("/", 1)[0]}'
 
 
-def _first_line(error: Exception) -> str:
-  text = str(error).strip()
-  return f'{type(error).__name__}: {text.splitlines()[0][:200] if text else ""}'
+def _one_line(error: Exception) -> str:
+  """The error and Cloud Storage's reason (gcsfs puts it on a second line)."""
+  return f'{type(error).__name__}: {" ".join(str(error).split())[:400]}'
 
 
 def _missing(workdir: str) -> StorageError:
@@ -45,7 +45,7 @@ def _missing(workdir: str) -> StorageError:
 def _refused(workdir: str, error: Exception, access: str) -> StorageError:
   return StorageError(
       f'--workdir={workdir}: Cloud Storage refused to {access} it '
-      f'({_first_line(error)}); check the credentials (on a TPU VM: its '
+      f'({_one_line(error)}); check the credentials (on a TPU VM: its '
       'service account needs roles/storage.objectAdmin on the bucket; '
       'elsewhere: gcloud auth application-default login or '
       'GOOGLE_APPLICATION_CREDENTIALS).')

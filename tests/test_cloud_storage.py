@@ -277,4 +277,5 @@ def test_refused_credentials_are_one_line_before_training(emulator,
     line = one_error_line(command(*args, f'--workdir={workdir}'))
     assert line.startswith(f'nin_jax: error: --workdir={workdir}: Cloud '
                            f'Storage refused to {access} it'), line
-    assert 'Forbidden' in line and 'check the credentials' in line, line
+    assert 'Forbidden' in line and 'does not have storage.objects' in line
+    assert 'check the credentials' in line, line
