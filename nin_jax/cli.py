@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from nin_jax import checkpoints
+from nin_jax import cloud_storage
 from nin_jax import config_lib
 from nin_jax import errors
 from nin_jax import runtime
@@ -26,7 +27,7 @@ from nin_jax import runtime
 # A user's mistake (a bad flag, config, workdir or data file): one line,
 # exit status 2.
 USER_ERRORS = (errors.ConfigError, errors.DataError,
-               checkpoints.CheckpointError)
+               checkpoints.CheckpointError, cloud_storage.StorageError)
 USER_ERROR_STATUS = 2
 
 

@@ -347,8 +347,11 @@ def _min_input_size(blocks) -> int:
 
 
 def check_workdir(workdir: str) -> None:
-  """Raises ConfigError if `workdir` (a local path) cannot be created or written."""
+  """Raises ConfigError if `workdir` (a local path) cannot be created or
+  written; cloud_storage.StorageError if a remote one is missing or refused."""
   if '://' in workdir:
+    from nin_jax import cloud_storage  # pylint: disable=g-import-not-at-top
+    cloud_storage.check_workdir(workdir, write=True)
     return
   path = os.path.abspath(workdir)
   probe = path

@@ -26,6 +26,7 @@ from etils import epath
 from PIL import Image
 
 from nin_jax import checkpoints
+from nin_jax import cloud_storage
 from nin_jax import config_lib
 from nin_jax import datasets
 from nin_jax import input_pipeline
@@ -56,6 +57,7 @@ class TrainedModel:
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
   """WORKDIR/config.json over the defaults (fields added since keep theirs)."""
+  cloud_storage.check_workdir(workdir, write=False)
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
     raise WorkdirError(f'--workdir={workdir} holds no config.json: not a '

@@ -1,7 +1,12 @@
 """Metrics to WORKDIR/metrics.jsonl, TensorBoard event files and the console.
 
 Only process 0 writes; other processes get a writer that does nothing. Paths
-go through `etils.epath`, so a `gs://` workdir works as well as a local one.
+go through `etils.epath`, so a `gs://` workdir works as well as a local one:
+there metrics.jsonl is rewritten whole (`_RewrittenObject`), since a Cloud
+Storage object cannot be appended to and one being written is invisible until
+it is closed (a killed run would leave nothing). A resumed run first drops the
+lines of the steps after its checkpoint (a killed run logged them; they are
+logged again), so metrics.jsonl holds each step once.
 """
 
 from __future__ import annotations
@@ -15,6 +20,8 @@ import jax
 from absl import logging
 from etils import epath
 
+from nin_jax import cloud_storage
+
 
 def _to_python(value: Any) -> Any:
   if hasattr(value, 'item'):
@@ -24,18 +31,76 @@ def _to_python(value: Any) -> Any:
   return value
 
 
-class MetricWriter:
-  """Appends `{"step", "split", ...}` lines to metrics.jsonl and TensorBoard."""
+def _record_step(line: str) -> int:
+  return int(json.loads(line)['step'])
 
-  def __init__(self, workdir: str, enabled: Optional[bool] = None):
+
+def _lines_up_to(path: epath.Path, resume_step: Optional[int]) -> list[str]:
+  """The lines of `path` (if any) of steps up to `resume_step` (all if None)."""
+  lines = path.read_text().splitlines() if path.exists() else []
+  return [l for l in lines if l and (
+      resume_step is None or _record_step(l) <= resume_step)]
+
+
+class _RewrittenObject:
+  """A text file in a bucket: the lines already there up to `resume_step`
+  (the rest are about to be logged again), then the lines written. The whole
+  object is uploaded when `flush` is called and at most every `every_secs` as
+  lines come (Cloud Storage takes about one write per second per object)."""
+
+  def __init__(self, path: epath.Path, resume_step: Optional[int],
+               every_secs: float = 5.0):
+    self._path = path
+    self._every_secs = every_secs
+    self._lines = _lines_up_to(path, resume_step)
+    self._uploaded = time.monotonic()
+    self._dirty = True
+
+  def write(self, text: str) -> None:
+    self._lines.extend(text.splitlines())
+    self._dirty = True
+    if time.monotonic() - self._uploaded >= self._every_secs:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._dirty:
+      self._path.write_text(''.join(l + '\n' for l in self._lines))
+      self._uploaded = time.monotonic()
+      self._dirty = False
+
+  def close(self) -> None:
+    self.flush()
+
+
+class MetricWriter:
+  """Appends `{"step", "split", ...}` lines to metrics.jsonl and TensorBoard.
+
+  `resume_step`: the step training resumes from; lines of later steps (logged
+  by a run that was killed) are dropped, so the run logs each step once.
+  """
+
+  def __init__(self, workdir: str, enabled: Optional[bool] = None,
+               resume_step: Optional[int] = None):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._tb = None
     self._file = None
     if not self.enabled:
       return
+    remote = cloud_storage.is_remote(workdir)
     workdir = epath.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    self._file = (workdir / 'metrics.jsonl').open('a')
+    path = workdir / 'metrics.jsonl'
+    if remote:
+      self._file = _RewrittenObject(path, resume_step)
+    else:
+      if resume_step is not None and path.exists():
+        kept = _lines_up_to(path, resume_step)
+        if len(kept) < len(path.read_text().splitlines()):
+          staged = path.with_name('metrics.jsonl.tmp')
+          staged.write_text(''.join(l + '\n' for l in kept))
+          staged.rename(path)
+      self._file = path.open('a')
+    self._remote = remote
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(logdir=str(workdir), flush_secs=30)
@@ -48,7 +113,8 @@ class MetricWriter:
     record = {'step': int(step), 'split': split, 'time': round(time.time(), 3)}
     record.update({k: _to_python(v) for k, v in metrics.items()})
     self._file.write(json.dumps(record) + '\n')
-    self._file.flush()
+    if not self._remote:  # A bucket's object is uploaded every few seconds.
+      self._file.flush()
     if self._tb is not None:
       for k, v in record.items():
         if k not in ('step', 'split', 'time') and isinstance(v, (int, float)):

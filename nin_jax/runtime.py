@@ -26,11 +26,12 @@ CPU_DEVICE_COUNT_FLAG = '--xla_force_host_platform_device_count'
 
 
 class QuietLibraries(logging.logging.Filter):
-  """Drops INFO chatter of orbax and tensorstore (warnings still show)."""
+  """Drops INFO chatter of orbax, tensorstore and fsspec's caches (gcsfs;
+  warnings still show)."""
 
   def filter(self, record):
     return (record.levelno >= logging.logging.WARNING or
-            'orbax' not in record.pathname)
+            not any(name in record.pathname for name in ('orbax', 'fsspec')))
 
 
 def _multi_process_cluster() -> bool:

@@ -552,14 +552,19 @@ def prepare(c: ml_collections.ConfigDict, workdir: str
 
 
 class Checkpointer:
-  """The checkpoint hook: saves the state at a step once (orbax, async)."""
+  """The checkpoint hook: saves the state at a step once (orbax, async),
+  after `before_save()` (the metrics up to a checkpoint must outlive a kill
+  after it)."""
 
-  def __init__(self, manager: Any, last_saved: Optional[int]):
+  def __init__(self, manager: Any, last_saved: Optional[int],
+               before_save: Callable[[], None] = lambda: None):
     self.manager = manager
     self.last_saved = last_saved
+    self.before_save = before_save
 
   def __call__(self, step: int, state: TrainState) -> None:
     if self.last_saved != step:
+      self.before_save()
       checkpoints.save(self.manager, step, state, force=True)
       self.last_saved = step
 
@@ -590,10 +595,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
                jax.device_count(), total_steps, trainer.steps_per_epoch,
                start_step)
 
-  writer = metric_writers.MetricWriter(workdir)
+  writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
                  models.PRESETS[c.preset].num_classes)
-  save = Checkpointer(manager, restored_step)
+  save = Checkpointer(manager, restored_step, before_save=writer.flush)
   profiler = Profiler(workdir, c.profile_steps, start_step)
   eval_every = c.eval_every_steps or trainer.steps_per_epoch
   save_every = c.checkpoint_every_steps or trainer.steps_per_epoch

@@ -382,3 +382,21 @@ def test_pipeline_batches_are_dicts_and_close(quickstart_config):
                                                          'mask'}
   assert int(np.asarray(evaluation[0]['mask']).sum()) == 7
 
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path):
+  """Lines a killed run logged after its last checkpoint are dropped when the
+  run resumes from that checkpoint (they are logged again)."""
+  writer = metric_writers.MetricWriter(str(tmp_path), enabled=True)
+  for step in range(1, 6):
+    writer.write(step, 'train', {'loss': float(step)})
+  writer.close()
+  writer = metric_writers.MetricWriter(str(tmp_path), enabled=True,
+                                       resume_step=3)
+  writer.write(4, 'train', {'loss': 40.0})
+  writer.close()
+  records = metric_writers.read_metrics(str(tmp_path))
+  assert [(r['step'], r['loss']) for r in records] == [
+      (1, 1.0), (2, 2.0), (3, 3.0), (4, 40.0)]
+  assert sorted(p.name for p in tmp_path.iterdir()
+                if not p.name.startswith('events')) == ['metrics.jsonl']

