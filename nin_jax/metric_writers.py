@@ -98,7 +98,7 @@ class MetricWriter:
         if len(kept) < len(path.read_text().splitlines()):
           staged = path.with_name('metrics.jsonl.tmp')
           staged.write_text(''.join(l + '\n' for l in kept))
-          staged.rename(path)
+          staged.replace(path)
       self._file = path.open('a')
     self._remote = remote
     try:
