@@ -1,43 +1,60 @@
-"""oneDNN convolutions for XLA's CPU backend, as a drop-in for `lax.conv_general_dilated`.
+"""oneDNN convolutions for XLA's CPU backend: an optional nin-jax plugin.
 
+Installed with the `cpu` extra (`pip install 'nin-jax[cpu]'`, Linux x86-64).
 XLA's CPU convolutions reach about 185 GFLOP/s on NiN's 5 x 5 and 3 x 3 layers
 on a 2-core AVX-512 machine, where oneDNN (PyTorch's CPU backend) reaches about
-250. `conv_general_dilated(impl=...)` routes stride-1, float32 or bfloat16,
-NHWC/HWIO convolutions to oneDNN through an XLA FFI custom call with its own
-VJP (forward, input gradient, weight gradient); everything else, and every
-non-CPU backend, uses XLA's convolution. Results agree with XLA's to float
-tolerance (summation order differs).
+250. `conv_general_dilated` routes stride-1, float32 or bfloat16, NHWC/HWIO
+convolutions to oneDNN through an XLA FFI custom call with its own VJP
+(forward, input gradient, weight gradient), and everything else, and every
+non-CPU backend, to its `fallback`; `Conv` is `nn.Conv` with it, the module a
+model takes as its `conv` field (`nin_jax.conv_select` picks it from a
+config's `model.conv_impl`). Results agree with XLA's to float tolerance
+(summation order differs).
 
-The C++ handlers (`csrc/onednn_conv.cc`) are compiled with the system C++
-compiler on first use and cached under `$NIN_JAX_CACHE` (default
-`~/.cache/nin_jax`), against the oneDNN 3.2 wheels `onednn-cpu-gomp` and
-`onednn-devel-cpu-gomp` (installed with nin-jax on Linux x86-64). Under a mesh
+The C++ handlers (`onednn_conv.cc`) are compiled by `setup.py` when nin-jax is
+installed, against the headers of `onednn-devel-cpu-gomp`; nothing is compiled
+at run time. The library itself comes from the `onednn-cpu-gomp` wheel that the
+`cpu` extra installs; without it (`pip install nin-jax`) the handlers cannot
+load and `available()` is False. A library whose oneDNN major.minor version
+differs from the headers' is refused. Under a mesh of Auto axes
 (`jax.sharding.use_abstract_mesh`, which the trainer sets) the call runs per
 device through `shard_map` with the batch split over every mesh axis, and the
 weight gradient is summed across devices.
+
+What the plugin cannot do:
+- Meshes with Explicit axes: the convolution falls back to `fallback` (XLA).
+- Forward-mode AD (`jax.jvp`, `jax.jacfwd`, `jax.hessian`): JAX raises
+  "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; use
+  `conv_impl='xla'` (`nin_jax.models.Conv`).
+- Gradients of gradients: raises `NotImplementedError` naming
+  `conv_impl='xla'`.
+- `jax.export`: the custom calls have no compatibility guarantee, so JAX
+  refuses to serialize them (`ValueError` naming `NinConvForward`); export a
+  model built with `conv_impl='xla'` (as `nin_jax.inference.export` does).
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
-import hashlib
+import importlib.machinery
 import os
 import pathlib
-import shutil
-import subprocess
 import sys
-import sysconfig
-import tempfile
 import threading
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from absl import logging
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-IMPLS = ('auto', 'xla', 'onednn')
-_SOURCE = pathlib.Path(__file__).parent / 'csrc' / 'onednn_conv.cc'
+_HERE = pathlib.Path(__file__).parent
+_EXTENSION = '_onednn_conv'  # setup.py's Extension nin_jax.plugins.onednn._onednn_conv
+_LIBRARY = 'libdnnl.so.3'
+_INSTALL = ("install the oneDNN runtime with `pip install 'nin-jax[cpu]'` "
+            "(Linux x86-64), or use conv_impl='xla'")
 _TARGETS = {'fwd': 'NinConvForward', 'bwd_data': 'NinConvBackwardData',
             'bwd_weights': 'NinConvBackwardWeights'}
 _NHWC = ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
@@ -49,87 +66,70 @@ _state: dict[str, Any] = {}
 
 
 class OneDnnUnavailable(RuntimeError):
-  """The oneDNN kernels could not be built or loaded."""
+  """The oneDNN kernels are not built or cannot be loaded."""
 
 
 def _candidate_prefixes() -> list[pathlib.Path]:
-  prefixes = [os.environ.get('NIN_JAX_ONEDNN_ROOT'), sys.prefix,
-              sys.base_prefix, sysconfig.get_config_var('prefix'),
-              '/usr/local', '/usr']
-  return [pathlib.Path(p) for p in dict.fromkeys(p for p in prefixes if p)]
+  """Where to look for lib/libdnnl.so.3: $NIN_JAX_ONEDNN_ROOT alone if set,
+  else this environment's prefixes (where the oneDNN wheel puts it)."""
+  root = os.environ.get('NIN_JAX_ONEDNN_ROOT')
+  prefixes = [root] if root else [sys.prefix, sys.base_prefix, '/usr/local',
+                                  '/usr']
+  return [pathlib.Path(p) for p in dict.fromkeys(prefixes)]
 
 
-def _find_onednn() -> tuple[pathlib.Path, pathlib.Path]:
-  """The (include, lib) directories of an installed oneDNN 3."""
+def _find_library() -> pathlib.Path:
   for prefix in _candidate_prefixes():
-    include, lib = prefix / 'include', prefix / 'lib'
-    if (include / 'oneapi' / 'dnnl' / 'dnnl.hpp').exists() and any(
-        lib.glob('libdnnl.so*')):
-      return include, lib
+    path = prefix / 'lib' / _LIBRARY
+    if path.exists():
+      return path
   raise OneDnnUnavailable(
-      'oneDNN headers/library not found under '
-      f'{[str(p) for p in _candidate_prefixes()]}; install them with '
-      "`pip install onednn-cpu-gomp==2023.2.0 onednn-devel-cpu-gomp==2023.2.0` "
-      'or set NIN_JAX_ONEDNN_ROOT to a oneDNN 3 install prefix.')
+      f'{_LIBRARY} not found under '
+      f'{[str(p / "lib") for p in _candidate_prefixes()]}; {_INSTALL}.')
 
 
-def _cache_dir() -> pathlib.Path:
-  root = os.environ.get('NIN_JAX_CACHE') or os.path.join(
-      os.path.expanduser('~'), '.cache', 'nin_jax')
-  return pathlib.Path(root)
+def _find_extension() -> pathlib.Path:
+  for suffix in importlib.machinery.EXTENSION_SUFFIXES:
+    path = _HERE / f'{_EXTENSION}{suffix}'
+    if path.exists():
+      return path
+  raise OneDnnUnavailable(
+      f'the oneDNN kernels ({_EXTENSION}*.so in {_HERE}) were not built when '
+      'nin-jax was installed (they need Linux x86-64 and g++); reinstall '
+      "with `pip install 'nin-jax[cpu]'`, or use conv_impl='xla'.")
 
 
-def _build() -> pathlib.Path:
-  """Compiles the FFI handlers once per (source, jax, oneDNN) and returns the .so."""
-  include, lib = _find_onednn()
-  cxx = os.environ.get('CXX') or shutil.which('g++') or shutil.which('c++')
-  if not cxx:
-    raise OneDnnUnavailable('no C++ compiler (g++/c++) found; install one or '
-                            'set CXX.')
-  cmd_tail = ['-O2', '-std=c++17', '-shared', '-fPIC', '-fopenmp', '-w',
-              f'-I{include}', f'-I{jax.ffi.include_dir()}', f'-L{lib}',
-              '-ldnnl', f'-Wl,-rpath,{lib}']
-  digest = hashlib.sha256(
-      _SOURCE.read_bytes() + ' '.join([cxx, jax.__version__, *cmd_tail]).encode()
-  ).hexdigest()[:16]
-  out = _cache_dir() / f'onednn_conv_{digest}.so'
-  if out.exists():
-    return out
-  out.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(suffix='.so', dir=out.parent)
-  os.close(fd)
-  try:
-    proc = subprocess.run([cxx, str(_SOURCE), '-o', tmp, *cmd_tail],
-                          capture_output=True, text=True, timeout=300)
-    if proc.returncode != 0:
-      raise OneDnnUnavailable(f'compiling {_SOURCE.name} failed:\n'
-                              f'{proc.stderr[-2000:]}')
-    os.replace(tmp, out)  # Atomic, so concurrent processes never see half a file.
-  finally:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-  return out
+def _version(code: int) -> str:
+  return f'{code // 10000}.{code // 100 % 100}.{code % 100}'
 
 
 def _load() -> None:
-  """Builds (if needed), loads and registers the handlers; raises if it cannot."""
+  """Loads oneDNN and the handlers and registers them; raises if it cannot."""
   with _lock:
     if 'error' in _state:
       raise _state['error']
     if 'loaded' in _state:
       return
     try:
-      import ctypes  # pylint: disable=g-import-not-at-top
-      library = ctypes.cdll.LoadLibrary(str(_build()))
+      extension = _find_extension()
+      # The extension names libdnnl.so.3 without a path: load it first.
+      ctypes.CDLL(str(_find_library()), mode=ctypes.RTLD_GLOBAL)
+      library = ctypes.CDLL(str(extension))
+      built, running = (library.NinConvBuiltWithVersion(),
+                        library.NinConvRuntimeVersion())
+      if built // 100 != running // 100:
+        raise OneDnnUnavailable(
+            f'{extension.name} was built against oneDNN {_version(built)} '
+            f'but oneDNN {_version(running)} is installed; reinstall nin-jax '
+            "(`pip install 'nin-jax[cpu]'`), or use conv_impl='xla'.")
       for target in _TARGETS.values():
         jax.ffi.register_ffi_target(
             target, jax.ffi.pycapsule(getattr(library, target)),
             platform='cpu')
-    except (OSError, subprocess.SubprocessError, OneDnnUnavailable) as e:
+    except (OSError, OneDnnUnavailable) as e:
       error = e if isinstance(e, OneDnnUnavailable) else OneDnnUnavailable(
-          f'building or loading the kernels in {_cache_dir()} failed: '
-          f'{type(e).__name__}: {e}; set NIN_JAX_CACHE to a writable '
-          "directory, or use conv_impl='xla'.")
+          f'loading the oneDNN kernels failed: {type(e).__name__}: {e}; '
+          f'{_INSTALL}.')
       _state['error'] = error
       raise error from None
     _state['library'] = library
@@ -165,6 +165,10 @@ def _platform() -> str:
   return jax.default_backend()
 
 
+def _explicit_mesh(mesh) -> bool:
+  return any(t == jax.sharding.AxisType.Explicit for t in mesh.axis_types)
+
+
 def _threads(mesh) -> int:
   """oneDNN threads per call: this process's cores over its devices."""
   try:
@@ -193,6 +197,25 @@ def _ffi(target: str, shape, dtype, *args, pad: int, threads: int):
       *args, pad=np.int64(pad), threads=np.int64(threads))
 
 
+NO_SECOND_ORDER = (
+    "the oneDNN convolutions have no second derivative (gradient of a "
+    "gradient, Hessian); build the model with conv_impl='xla' "
+    '(nin_jax.models.Conv) for that.')
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 5, 6))
+def _gradient_ffi(target: str, shape: tuple[int, ...], dtype: Any, a, b,
+                  pad: int, threads: int):
+  """A gradient handler's call; differentiating it raises NO_SECOND_ORDER."""
+  return _ffi(target, shape, dtype, a, b, pad=pad, threads=threads)
+
+
+@_gradient_ffi.defjvp
+def _gradient_ffi_jvp(target, shape, dtype, pad, threads, primals, tangents):
+  del target, shape, dtype, pad, threads, primals, tangents
+  raise NotImplementedError(NO_SECOND_ORDER)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _onednn_conv(x: jax.Array, kernel: jax.Array, pad: int,
                  threads: int) -> jax.Array:
@@ -210,10 +233,10 @@ def _onednn_conv_fwd(x, kernel, pad, threads):
 
 def _onednn_conv_bwd(pad, threads, residuals, dy):
   x, kernel = residuals
-  dx = _ffi(_TARGETS['bwd_data'], x.shape, x.dtype, dy, kernel, pad=pad,
-            threads=threads)
-  dw = _ffi(_TARGETS['bwd_weights'], kernel.shape, kernel.dtype, x, dy,
-            pad=pad, threads=threads)
+  dx = _gradient_ffi(_TARGETS['bwd_data'], x.shape, x.dtype, dy, kernel, pad,
+                     threads)
+  dw = _gradient_ffi(_TARGETS['bwd_weights'], kernel.shape, kernel.dtype, x,
+                     dy, pad, threads)
   dx = _vary_like(dx, _varying(x))
   summed = tuple(sorted(_varying(dy) - _varying(kernel)))
   if summed:  # The kernel is replicated over these axes: add the shards' parts.
@@ -260,49 +283,40 @@ def conv_general_dilated(x: jax.Array, kernel: jax.Array,
                          feature_group_count: int = 1,
                          batch_group_count: int = 1,
                          precision: Any = None,
-                         preferred_element_type: Any = None,
-                         *, impl: str = 'auto') -> jax.Array:
+                         preferred_element_type: Any = None, *,
+                         fallback: Callable[..., jax.Array] = (
+                             jax.lax.conv_general_dilated)) -> jax.Array:
   """`lax.conv_general_dilated`, run by oneDNN on CPU where it can be.
 
-  impl: 'xla' always uses XLA; 'auto' uses oneDNN when the backend is CPU,
-  the convolution is eligible (float32, or bfloat16 on CPUs with AVX-512 or
-  AVX2-VNNI-2; stride 1, NHWC/HWIO, symmetric padding, no dilation or
-  groups) and the kernels build, else XLA;
-  'onednn'
-  is 'auto' that raises instead of falling back when the kernels cannot
-  build. x is [batch, height, width, in]; kernel [kh, kw, in, out].
+  oneDNN runs it when the backend is CPU, the convolution is eligible
+  (float32, or bfloat16 on CPUs with AVX-512 or AVX2-VNNI-2; stride 1,
+  NHWC/HWIO, symmetric padding, no dilation or groups), no mesh axis is
+  Explicit, and the kernels load; otherwise `fallback` (same signature) does,
+  with one warning if the kernels cannot load. x is [batch, height, width,
+  in]; kernel [kh, kw, in, out].
   """
-  xla = functools.partial(
-      jax.lax.conv_general_dilated, x, kernel, window_strides, padding,
-      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-      dimension_numbers=dimension_numbers,
-      feature_group_count=feature_group_count,
-      batch_group_count=batch_group_count, precision=precision,
-      preferred_element_type=preferred_element_type)
   pad = _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
                          rhs_dilation, dimension_numbers, feature_group_count,
                          batch_group_count)
   if (pad is None or preferred_element_type not in (None, x.dtype)
-      or not use_onednn(x, kernel, impl)):
-    return xla()
+      or not use_onednn(x, kernel)):
+    return fallback(x, kernel, window_strides, padding,
+                    lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+                    dimension_numbers=dimension_numbers,
+                    feature_group_count=feature_group_count,
+                    batch_group_count=batch_group_count, precision=precision,
+                    preferred_element_type=preferred_element_type)
   return onednn_conv(x, kernel, pad)
 
 
-def use_onednn(x: jax.Array, kernel: jax.Array, impl: str) -> bool:
-  """Whether `impl` runs a convolution of these operands with oneDNN.
-
-  'auto' falls back (with one warning) when the kernels cannot be built;
-  'onednn' raises OneDnnUnavailable then.
-  """
-  if impl not in IMPLS:
-    raise ValueError(f'conv impl must be one of {IMPLS}, got {impl!r}.')
-  if impl == 'xla' or _platform() != 'cpu':
+def use_onednn(x: jax.Array, kernel: jax.Array) -> bool:
+  """Whether convolutions of these operands run in oneDNN here: the CPU
+  backend, a dtype this CPU's oneDNN has, no Explicit mesh axes, and the
+  kernels loaded (else one warning, and False)."""
+  if _platform() != 'cpu' or _explicit_mesh(jax.sharding.get_abstract_mesh()):
     return False
   if x.dtype not in _DTYPES or kernel.dtype != x.dtype:
     return False
-  if impl == 'onednn':
-    _load()
-    return x.dtype in _state['dtypes']
   if available():
     return x.dtype in _state['dtypes']
   if not _state.get('warned'):
@@ -316,11 +330,16 @@ def onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   """Stride-1 convolution by oneDNN with `pad` zeros on every side.
 
   x [batch, height, width, in] and kernel [kh, kw, in, out], float32 or
-  bfloat16, gives [batch, height + 2 pad - kh + 1, width + 2 pad - kw + 1, out]. Under an
-  abstract mesh of Auto axes the batch is split over all of them.
+  bfloat16, gives [batch, height + 2 pad - kh + 1, width + 2 pad - kw + 1,
+  out]. Under an abstract mesh of Auto axes the batch is split over all of
+  them; a mesh with Explicit axes raises ValueError (`conv_general_dilated`
+  falls back to XLA there instead).
   """
   _load()
   mesh = jax.sharding.get_abstract_mesh()
+  if _explicit_mesh(mesh):
+    raise ValueError('the oneDNN convolutions do not take meshes with '
+                     "Explicit axes; use conv_impl='xla'.")
   threads = _threads(mesh)
   auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   if mesh.empty or not auto or x.shape[0] % mesh.size:
@@ -331,3 +350,17 @@ def onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
       lambda xs, ks: _onednn_conv(xs, ks, pad, threads), mesh=mesh,
       in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec)(
           x, kernel)
+
+
+@functools.lru_cache(maxsize=None)
+def conv_module(fallback: Callable[..., jax.Array] = (
+    jax.lax.conv_general_dilated)) -> Callable[..., nn.Conv]:
+  """`nn.Conv` with `conv_general_dilated` (and this `fallback`): the module a
+  model takes as its `conv` field. The same object for the same fallback, so
+  models that use it compare equal."""
+  return functools.partial(
+      nn.Conv, conv_general_dilated=functools.partial(
+          conv_general_dilated, fallback=fallback))
+
+
+Conv = conv_module()
