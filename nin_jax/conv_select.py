@@ -49,8 +49,10 @@ def conv_module(impl: str) -> Any:
   if reason is not None:
     if impl == 'auto':
       logging.info("conv_impl='auto': oneDNN unavailable (%s); using XLA's "
-                   'convolutions.', reason)
+                   'convolutions.', reason.rstrip('.'))
       return models.Conv
     onednn = _onednn()
     raise (onednn.OneDnnUnavailable if onednn else RuntimeError)(reason)
+  logging.info("conv_impl=%r: oneDNN convolutions on the CPU backend "
+               '(nin_jax.plugins.onednn).', impl)
   return _onednn().conv_module(fallback=models.conv_general_dilated)
