@@ -247,8 +247,9 @@ def test_onednn_conv_per_device_under_a_mesh_sums_weight_gradients():
   assert out.stdout.strip().endswith('OK')
 
 
-# What the plugin cannot do (see the plugin's docstring): each either falls
-# back to XLA's convolution or raises an error that says what to do.
+# Transforms beyond reverse mode: forward mode and higher derivatives run on
+# the handlers; what the plugin cannot do (see its docstring) falls back to
+# XLA's convolution or raises an error that says what to do.
 
 def _model_and_batch():
   model = nin_jax.create_model('quickstart',
@@ -258,24 +259,26 @@ def _model_and_batch():
   return model, params, x
 
 
-def test_forward_mode_autodiff_raises():
-  model, params, x = _model_and_batch()
-  f = lambda x: model.apply({'params': params}, x)
-  with pytest.raises(TypeError, match='forward-mode autodiff'):
-    jax.jvp(f, (x,), (jnp.ones_like(x),))
-  xla = model.clone(conv=conv_select.conv_module('xla'))
-  jax.jvp(lambda x: xla.apply({'params': params}, x), (x,),
-          (jnp.ones_like(x),))
+def test_forward_mode_and_second_derivatives_match_xla():
+  shape = (2, 7, 6, 3, 5, 3, 1)  # batch, height, width, in, out, kernel, pad
+  n, h, w_, ci, co, k, pad = shape
+  x = jax.random.normal(jax.random.key(0), (n, h, w_, ci))
+  w = jax.random.normal(jax.random.key(1), (k, k, ci, co)) * 0.3
+  ours = lambda x, w: jnp.tanh(onednn.onednn_conv(x, w, pad))
+  ref = lambda x, w: jnp.tanh(xla_conv(x, w, pad))
 
+  def close(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-4)
 
-def test_gradient_of_gradient_names_conv_impl_xla():
-  model, params, x = _model_and_batch()
-  loss = lambda x: jnp.sum(model.apply({'params': params}, x) ** 2)
-  jax.grad(loss)(x)  # First order is fine.
-  with pytest.raises(NotImplementedError, match="conv_impl='xla'"):
-    jax.grad(lambda x: jnp.sum(jax.grad(loss)(x) ** 2))(x)
-  with pytest.raises(NotImplementedError, match="conv_impl='xla'"):
-    jax.jit(jax.grad(lambda x: jnp.sum(jax.jit(jax.grad(loss))(x))))(x)
+  tangents = (jnp.ones_like(x), jnp.ones_like(w))
+  close(jax.jit(lambda x, w: jax.jvp(ours, (x, w), tangents))(x, w),
+        jax.jvp(ref, (x, w), tangents))
+  grad_of_grad = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(
+      lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)[1] ** 2))(x)
+  close(jax.jit(lambda x: grad_of_grad(ours))(x), grad_of_grad(ref))
+  text = jax.jit(lambda x: grad_of_grad(ours)).lower(x).as_text()
+  assert 'NinConvBackwardData' in text and 'convolution' not in text
 
 
 def test_jax_export_refuses_the_custom_calls():

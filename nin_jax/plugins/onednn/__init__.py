@@ -4,11 +4,11 @@ Installed with the `cpu` extra (`pip install 'nin-jax[cpu]'`, Linux x86-64).
 XLA's CPU convolutions reach about 185 GFLOP/s on NiN's 5 x 5 and 3 x 3 layers
 on a 2-core AVX-512 machine, where oneDNN (PyTorch's CPU backend) reaches about
 250. `conv_general_dilated` routes stride-1, float32 or bfloat16, NHWC/HWIO
-convolutions to oneDNN through an XLA FFI custom call with its own VJP
-(forward, input gradient, weight gradient), and everything else, and every
-non-CPU backend, to its `fallback`; `Conv` is `nn.Conv` with it, the module a
-model takes as its `conv` field (`nin_jax.conv_select` picks it from a
-config's `model.conv_impl`). Results agree with XLA's to float tolerance
+convolutions to oneDNN through three XLA FFI handlers (forward, input
+gradient, weight gradient), each a JAX primitive whose derivatives are the
+others, and everything else, and every non-CPU backend, to its `fallback`.
+`Conv` is `nn.Conv` with it, the module a model takes as its `conv` field
+(`nin_jax.conv_select` picks it from a config's `model.conv_impl`). Results agree with XLA's to float tolerance
 (summation order differs).
 
 The C++ handlers (`onednn_conv.cc`) are compiled by `setup.py` when nin-jax is
@@ -21,16 +21,13 @@ differs from the headers' is refused. Under a mesh of Auto axes
 device through `shard_map` with the batch split over every mesh axis, and the
 weight gradient is summed across devices.
 
-What the plugin cannot do:
+Reverse and forward-mode AD, derivatives of any order and vmap run on the
+handlers. What the plugin cannot do:
 - Meshes with Explicit axes: the convolution falls back to `fallback` (XLA).
-- Forward-mode AD (`jax.jvp`, `jax.jacfwd`, `jax.hessian`): JAX raises
-  "can't apply forward-mode autodiff (jvp) to a custom_vjp function"; use
-  `conv_impl='xla'` (`nin_jax.models.Conv`).
-- Gradients of gradients: raises `NotImplementedError` naming
-  `conv_impl='xla'`.
 - `jax.export`: the custom calls have no compatibility guarantee, so JAX
   refuses to serialize them (`ValueError` naming `NinConvForward`); export a
-  model built with `conv_impl='xla'` (as `nin_jax.inference.export` does).
+  model built with conv_impl='xla' (`nin_jax.models.Conv`), as
+  `nin_jax.inference.export` does.
 """
 
 from __future__ import annotations
@@ -47,6 +44,10 @@ from typing import Any, Callable, Optional, Sequence
 from absl import logging
 import flax.linen as nn
 import jax
+from jax.extend import core as jex_core
+from jax.interpreters import ad
+from jax.interpreters import batching
+from jax.interpreters import mlir
 import jax.numpy as jnp
 import numpy as np
 
@@ -190,61 +191,99 @@ def _vary_like(a, axes: frozenset):
   return jax.lax.pcast(a, extra, to='varying') if extra else a
 
 
-def _ffi(target: str, shape, dtype, *args, pad: int, threads: int):
-  # Under vmap (e.g. per-example gradients) the call loops over the vmapped axis.
-  return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, dtype),
-                          vmap_method='sequential')(
-      *args, pad=np.int64(pad), threads=np.int64(threads))
+def _aligned(*args) -> list[jax.Array]:
+  """`args`, each typed as varying over the union of their mesh axes, as
+  JAX's own binary ops do; the transpose of that cast sums a replicated
+  kernel's gradient over the devices."""
+  axes = frozenset().union(*map(_varying, args))
+  return [_vary_like(a, axes) for a in args]
 
 
-NO_SECOND_ORDER = (
-    "the oneDNN convolutions have no second derivative (gradient of a "
-    "gradient, Hessian); build the model with conv_impl='xla' "
-    '(nin_jax.models.Conv) for that.')
-
-
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 5, 6))
-def _gradient_ffi(target: str, shape: tuple[int, ...], dtype: Any, a, b,
-                  pad: int, threads: int):
-  """A gradient handler's call; differentiating it raises NO_SECOND_ORDER."""
-  return _ffi(target, shape, dtype, a, b, pad=pad, threads=threads)
-
-
-@_gradient_ffi.defjvp
-def _gradient_ffi_jvp(target, shape, dtype, pad, threads, primals, tangents):
-  del target, shape, dtype, pad, threads, primals, tangents
-  raise NotImplementedError(NO_SECOND_ORDER)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _onednn_conv(x: jax.Array, kernel: jax.Array, pad: int,
-                 threads: int) -> jax.Array:
+def _fwd_shape(x, kernel, pad):
   n, h, w, _ = x.shape
   kh, kw, _, out = kernel.shape
-  y = _ffi(_TARGETS['fwd'], (n, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1,
-                             out), x.dtype, x, kernel, pad=pad,
-           threads=threads)
-  return _vary_like(y, _varying(x) | _varying(kernel))
+  return (n, h + 2 * pad - kh + 1, w + 2 * pad - kw + 1, out)
 
 
-def _onednn_conv_fwd(x, kernel, pad, threads):
-  return _onednn_conv(x, kernel, pad, threads), (x, kernel)
+def _bwd_data_shape(dy, kernel, pad):
+  n, oh, ow, _ = dy.shape
+  kh, kw, c, _ = kernel.shape
+  return (n, oh - 2 * pad + kh - 1, ow - 2 * pad + kw - 1, c)
 
 
-def _onednn_conv_bwd(pad, threads, residuals, dy):
-  x, kernel = residuals
-  dx = _gradient_ffi(_TARGETS['bwd_data'], x.shape, x.dtype, dy, kernel, pad,
-                     threads)
-  dw = _gradient_ffi(_TARGETS['bwd_weights'], kernel.shape, kernel.dtype, x,
-                     dy, pad, threads)
-  dx = _vary_like(dx, _varying(x))
-  summed = tuple(sorted(_varying(dy) - _varying(kernel)))
-  if summed:  # The kernel is replicated over these axes: add the shards' parts.
-    dw = jax.lax.psum(_vary_like(dw, _varying(dy)), summed)
-  return dx, dw
+def _bwd_weights_shape(x, dy, pad):
+  _, h, w, c = x.shape
+  _, oh, ow, out = dy.shape
+  return (h + 2 * pad - oh + 1, w + 2 * pad - ow + 1, c, out)
 
 
-_onednn_conv.defvjp(_onednn_conv_fwd, _onednn_conv_bwd)
+@functools.lru_cache(maxsize=None)
+def _eager(prim, pad: int, threads: int):
+  return jax.jit(functools.partial(prim.bind, pad=pad, threads=threads))
+
+
+def _primitive(name: str, target: str, shape_rule) -> jex_core.Primitive:
+  """A JAX primitive of two arrays that calls the FFI handler `target`."""
+  prim = jex_core.Primitive(name)
+  prim.def_impl(lambda a, b, *, pad, threads: _eager(prim, pad, threads)(a, b))
+  prim.def_abstract_eval(lambda a, b, *, pad, threads: a.update(
+      shape=shape_rule(a, b, pad), weak_type=False))
+
+  def lower(ctx, a, b, *, pad, threads):
+    return jax.ffi.ffi_lowering(target)(ctx, a, b, pad=np.int64(pad),
+                                        threads=np.int64(threads))
+
+  def batch(args, dims, **params):
+    # Under vmap (e.g. per-example gradients): one call per element.
+    mapped = [d is not None for d in dims]
+    moved = [jnp.moveaxis(a, d, 0) for a, d in zip(args, dims) if d is not None]
+
+    def one(elements):
+      it = iter(elements)
+      return prim.bind(*[next(it) if m else a for a, m in zip(args, mapped)],
+                       **params)
+    return jax.lax.map(one, moved), 0
+
+  mlir.register_lowering(prim, lower, platform='cpu')
+  batching.primitive_batchers[prim] = batch
+  return prim
+
+
+_conv_p = _primitive('nin_onednn_conv', _TARGETS['fwd'], _fwd_shape)
+_conv_bwd_data_p = _primitive('nin_onednn_conv_bwd_data',
+                              _TARGETS['bwd_data'], _bwd_data_shape)
+_conv_bwd_weights_p = _primitive('nin_onednn_conv_bwd_weights',
+                                 _TARGETS['bwd_weights'], _bwd_weights_shape)
+
+
+def _conv(x, kernel, pad: int, threads: int):
+  """y = conv(x, kernel): [n, h, w, c] x [kh, kw, c, o] -> [n, oh, ow, o]."""
+  return _conv_p.bind(*_aligned(x, kernel), pad=pad, threads=threads)
+
+
+def _conv_bwd_data(dy, kernel, pad: int, threads: int):
+  """dx of y = conv(x, kernel) for dy: the transpose of conv in x."""
+  return _conv_bwd_data_p.bind(*_aligned(dy, kernel), pad=pad,
+                               threads=threads)
+
+
+def _conv_bwd_weights(x, dy, pad: int, threads: int):
+  """dkernel of y = conv(x, kernel) for dy: the transpose of conv in kernel."""
+  return _conv_bwd_weights_p.bind(*_aligned(x, dy), pad=pad, threads=threads)
+
+
+# conv(x, kernel) is bilinear and its transposes are the two gradient calls;
+# theirs are again the three, as for lax.conv_general_dilated. So reverse and
+# forward mode, and derivatives of any order, run on the three handlers.
+ad.defbilinear(_conv_p,
+               lambda ct, x, k, **p: _conv_bwd_data(ct, k, **p),
+               lambda ct, x, k, **p: _conv_bwd_weights(x, ct, **p))
+ad.defbilinear(_conv_bwd_data_p,
+               lambda ct, dy, k, **p: _conv(ct, k, **p),
+               lambda ct, dy, k, **p: _conv_bwd_weights(ct, dy, **p))
+ad.defbilinear(_conv_bwd_weights_p,
+               lambda ct, x, dy, **p: _conv_bwd_data(dy, ct, **p),
+               lambda ct, x, dy, **p: _conv(x, ct, **p))
 
 
 def _onednn_eligible(x, kernel, window_strides, padding, lhs_dilation,
@@ -344,10 +383,10 @@ def onednn_conv(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
   auto = all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
   if mesh.empty or not auto or x.shape[0] % mesh.size:
     # Unsharded, already inside a shard_map, or a batch the mesh cannot split.
-    return _onednn_conv(x, kernel, pad, threads)
+    return _conv(x, kernel, pad, threads)
   spec = jax.sharding.PartitionSpec(tuple(mesh.axis_names))
   return jax.shard_map(
-      lambda xs, ks: _onednn_conv(xs, ks, pad, threads), mesh=mesh,
+      lambda xs, ks: _conv(xs, ks, pad, threads), mesh=mesh,
       in_specs=(spec, jax.sharding.PartitionSpec()), out_specs=spec)(
           x, kernel)
 

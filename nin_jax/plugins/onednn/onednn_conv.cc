@@ -4,7 +4,8 @@
 // convolution with symmetric zero padding, float32 or bfloat16; x is
 // [N, H, W, C] and w is [KH, KW, C, O], the layouts of flax's nn.Conv.
 // setup.py compiles this file when nin-jax is installed; __init__.py beside it
-// loads it and wraps the handlers in a custom VJP.
+// loads it and makes each handler a JAX primitive whose transposes are the
+// other two.
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
