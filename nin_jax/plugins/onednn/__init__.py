@@ -140,7 +140,7 @@ def _load() -> None:
 
 
 def available() -> bool:
-  """Whether the oneDNN kernels are built and registered (builds on first call)."""
+  """Whether the oneDNN kernels are built and load (loads them on first call)."""
   return unavailable_reason() is None
 
 
@@ -151,7 +151,7 @@ def supports(dtype: Any) -> bool:
 
 
 def unavailable_reason() -> Optional[str]:
-  """None if the kernels are built and registered, else why not."""
+  """None if the kernels are built and load, else why not."""
   try:
     _load()
   except OneDnnUnavailable as e:
@@ -186,7 +186,7 @@ def _varying(a) -> frozenset:
 
 
 def _vary_like(a, axes: frozenset):
-  """`a` typed as varying over `axes` (FFI results carry no such type)."""
+  """`a` typed as varying over `axes` as well."""
   extra = tuple(sorted(axes - _varying(a)))
   return jax.lax.pcast(a, extra, to='varying') if extra else a
 
