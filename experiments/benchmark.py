@@ -205,9 +205,10 @@ def time_steps(step: Callable[[], Any], steps: int) -> list[float]:
 
 def conv_impl(c) -> str:
   """Which library runs nin-jax's convolutions in this process."""
-  from nin_jax import cpu_kernels  # pylint: disable=g-import-not-at-top
+  from nin_jax import conv_select  # pylint: disable=g-import-not-at-top
   uses = (c.model.conv_impl != 'xla' and jax.default_backend() == 'cpu'
-          and c.dtype in ('float32', 'bfloat16') and cpu_kernels.available())
+          and c.dtype in ('float32', 'bfloat16')
+          and conv_select.onednn_unavailable_reason() is None)
   return 'onednn' if uses else 'xla'
 
 

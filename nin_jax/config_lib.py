@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
-from nin_jax import cpu_kernels
+from nin_jax import conv_select
 from nin_jax import datasets
 from nin_jax import models
 from nin_jax.errors import ConfigError
@@ -60,8 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
   c.model.batch_norm = True
   c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
   c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
-  # Convolutions: 'auto' (oneDNN on the CPU backend, see
-  # nin_jax/cpu_kernels.py; XLA elsewhere), 'xla' or 'onednn'.
+  # Convolutions: 'auto' (oneDNN on the CPU backend where the `cpu` extra is
+  # installed, see nin_jax/conv_select.py; XLA elsewhere), 'xla' or 'onednn'.
   c.model.conv_impl = 'auto'
   c.dtype = 'float32'             # Compute dtype; params stay float32.
   # CPU-only runs: split each batch over at most this many virtual CPU devices
@@ -207,9 +207,9 @@ def validate_config(c: ml_collections.ConfigDict,
          c.model.weight_init, f'must be one of {models.INITS}')
   _check(c.model.second_pool in ('', 'max', 'avg'), 'model.second_pool',
          c.model.second_pool, "must be '', 'max' or 'avg'")
-  _check(c.model.get('conv_impl', 'xla') in cpu_kernels.IMPLS,
+  _check(c.model.get('conv_impl', 'xla') in conv_select.IMPLS,
          'model.conv_impl', c.model.get('conv_impl'),
-         f'must be one of {cpu_kernels.IMPLS}')
+         f'must be one of {conv_select.IMPLS}')
   for field in ('dropout_rate', 'head_dropout_rate'):
     rate = c.model[field]
     _check(0.0 <= rate < 1.0, f'model.{field}', rate, 'must be in [0, 1)')
@@ -295,7 +295,7 @@ def check_conv_impl(c: ml_collections.ConfigDict, backend: str) -> None:
     raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
                       f'run on the CPU backend only and this run is on '
                       f'{backend}; {fix}.')
-  reason = cpu_kernels.unavailable_reason()
+  reason = conv_select.onednn_unavailable_reason()
   if reason is not None:
     raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
                       f'are unavailable: {reason.splitlines()[0]}; {fix}.')

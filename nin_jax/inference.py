@@ -28,6 +28,7 @@ from PIL import Image
 from nin_jax import checkpoints
 from nin_jax import cloud_storage
 from nin_jax import config_lib
+from nin_jax import conv_select
 from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import input_spec
@@ -114,7 +115,7 @@ def probabilities_fn(trained: TrainedModel, conv_impl: str = 'xla'
   [batch, height, width, channels] in the dataset's pixel units (uint8, or
   float), normalized as in training (the spec's statistics) inside.
   `conv_impl` 'xla' keeps every convolution a plain XLA op (portable)."""
-  model = trained.model.clone(conv_impl=conv_impl)
+  model = trained.model.clone(conv=conv_select.conv_module(conv_impl))
   normalize = preprocessing.normalizer(trained.spec.fitted)
 
   def fn(variables: Any, images: jax.Array) -> jax.Array:

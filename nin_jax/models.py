@@ -7,7 +7,9 @@ dropout between them, and ends in global average pooling over one feature map
 per class (or, for the paper's Table 5 ablation, a fully connected head).
 
 Presets reproduce the author's layer lists; `create_model(preset, **overrides)`
-builds one.
+builds one. Every convolution is made by the module in the `conv` field
+(`Conv` by default); an accelerated one (e.g. nin_jax.plugins.onednn's) is
+plugged in there, never imported here.
 """
 
 from __future__ import annotations
@@ -21,10 +23,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from nin_jax import cpu_kernels
-
 Array = jax.Array
 Initializer = Callable[..., Array]
+ModuleDef = Any
 
 INITS = ('faithful', 'modern')
 HEADS = ('gap', 'fc')
@@ -240,36 +241,48 @@ class BatchNorm(nn.Module):
     return y.astype(dtype)
 
 
-class Conv1x1(nn.Module):
-  """A 1 x 1 convolution computed as a matrix product over channels.
+def conv_general_dilated(x: Array, kernel: Array, window_strides: Sequence[int],
+                         padding: Any, lhs_dilation: Any = None,
+                         rhs_dilation: Any = None,
+                         dimension_numbers: Any = None,
+                         feature_group_count: int = 1,
+                         batch_group_count: int = 1, precision: Any = None,
+                         preferred_element_type: Any = None) -> Array:
+  """`lax.conv_general_dilated`, with 1 x 1 convolutions as a matrix product.
 
-  The kernel keeps the [1, 1, in, out] shape of `nn.Conv` so checkpoints and
-  parameter counts are those of the reference model; the dot is 3x faster than
-  XLA's 1 x 1 convolution on CPU, and oneDNN's (`conv_impl`, see `MlpConv`)
-  faster still.
+  A stride-1, unpadded, undilated, ungrouped 1 x 1 convolution of x
+  [batch, height, width, in] with kernel [1, 1, in, out] (NHWC/HWIO) is a dot
+  over channels, 3x faster than XLA's 1 x 1 convolution on CPU; every other
+  convolution is `lax.conv_general_dilated`'s.
   """
-  features: int
-  use_bias: bool = True
-  conv_impl: str = 'xla'
-  kernel_init: Initializer = nn.initializers.normal(stddev=FAITHFUL_STDDEV)
-  bias_init: Initializer = nn.initializers.zeros_init()
-  dtype: Optional[Any] = None
-  param_dtype: Any = jnp.float32
+  xla = functools.partial(
+      jax.lax.conv_general_dilated, x, kernel, window_strides, padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+  if (x.ndim != 4 or kernel.shape[:2] != (1, 1)
+      or tuple(window_strides) != (1, 1) or isinstance(padding, str)
+      or any(tuple(p) != (0, 0) for p in padding)
+      or any(d is not None and tuple(d) != (1, 1)
+             for d in (lhs_dilation, rhs_dilation))
+      or feature_group_count != 1 or batch_group_count != 1):
+    return xla()
+  dn = jax.lax.conv_dimension_numbers(x.shape, kernel.shape,
+                                      dimension_numbers)
+  if (tuple(dn.lhs_spec), tuple(dn.rhs_spec),
+      tuple(dn.out_spec)) != ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2)):
+    return xla()
+  return jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0], precision=precision,
+                    preferred_element_type=preferred_element_type)
 
-  @nn.compact
-  def __call__(self, x: Array) -> Array:
-    kernel = self.param('kernel', self.kernel_init,
-                        (1, 1, x.shape[-1], self.features), self.param_dtype)
-    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if cpu_kernels.use_onednn(x, kernel, self.conv_impl):
-      y = cpu_kernels.onednn_conv(x, kernel, 0)
-    else:
-      y = jnp.einsum('bhwc,cd->bhwd', x, kernel[0, 0])
-    if self.use_bias:
-      bias = self.param('bias', self.bias_init, (self.features,),
-                        self.param_dtype)
-      y = y + jnp.asarray(bias, y.dtype)
-    return y
+
+class Conv(nn.Conv):
+  """`nn.Conv` computing its 1 x 1 convolutions as a matrix product (see
+  `conv_general_dilated`): the default `conv` of `MlpConv` and `NiN`, same
+  parameters and results as `nn.Conv`."""
+  conv_general_dilated: Callable[..., Array] = conv_general_dilated
 
 
 class MlpConv(nn.Module):
@@ -278,8 +291,8 @@ class MlpConv(nn.Module):
   Maps [batch, height, width, in_channels] to
   [batch, out_height, out_width, features[-1]]. `features[0]` is the width of
   the k x k convolution, the rest are the widths of the 1 x 1 layers.
-  `conv_impl`: 'xla', or 'auto'/'onednn' to run the float32 and bfloat16
-  stride-1 convolutions with oneDNN on the CPU backend (`cpu_kernels`; same
+  `conv` makes every convolution (flax's `nn.Conv` signature): `Conv`, or
+  e.g. the oneDNN plugin's (`nin_jax.conv_select.conv_module('auto')`; same
   results to float tolerance, about 17% faster training on a 2-core CPU).
   `kernel_inits`, when given, initializes each layer's kernel in turn
   instead of `kernel_init`.
@@ -293,7 +306,7 @@ class MlpConv(nn.Module):
   bias_init: Initializer = nn.initializers.zeros_init()
   batch_norm: bool = False
   final_relu: bool = True
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -307,21 +320,13 @@ class MlpConv(nn.Module):
     for i, width in enumerate(self.features):
       kernel_init = (self.kernel_inits[i] if self.kernel_inits else
                      self.kernel_init)
-      if i == 0:
-        x = nn.Conv(width, (self.kernel_size, self.kernel_size),
-                    strides=(self.stride, self.stride),
-                    padding=[(self.padding, self.padding)] * 2,
-                    use_bias=not self.batch_norm,
+      size, stride, pad = ((self.kernel_size, self.stride, self.padding)
+                           if i == 0 else (1, 1, 0))
+      x = self.conv(width, (size, size), strides=(stride, stride),
+                    padding=[(pad, pad)] * 2, use_bias=not self.batch_norm,
                     kernel_init=kernel_init, bias_init=self.bias_init,
                     dtype=self.dtype, param_dtype=self.param_dtype,
-                    conv_general_dilated=_conv_fn(self.conv_impl),
-                    name='conv')(x)
-      else:
-        x = Conv1x1(width, use_bias=not self.batch_norm,
-                    conv_impl=self.conv_impl,
-                    kernel_init=kernel_init, bias_init=self.bias_init,
-                    dtype=self.dtype, param_dtype=self.param_dtype,
-                    name=f'cccp{i}')(x)
+                    name='conv' if i == 0 else f'cccp{i}')(x)
       if self.batch_norm:
         x = BatchNorm(momentum=0.9, epsilon=1e-5, dtype=self.dtype,
                       param_dtype=self.param_dtype, name=f'bn{i}')(
@@ -329,16 +334,6 @@ class MlpConv(nn.Module):
       if i < len(self.features) - 1 or self.final_relu:
         x = nn.relu(x)
     return x
-
-
-def _conv_fn(impl: str) -> Callable[..., Array]:
-  """The convolution `nn.Conv` calls: XLA's, or oneDNN's on CPU (cpu_kernels)."""
-  if impl == 'xla':
-    return jax.lax.conv_general_dilated
-  if impl not in cpu_kernels.IMPLS:
-    raise ValueError(f'conv_impl must be one of {cpu_kernels.IMPLS}, got '
-                     f'{impl!r}.')
-  return functools.partial(cpu_kernels.conv_general_dilated, impl=impl)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -369,7 +364,7 @@ class NiN(nn.Module):
   Input [batch, height, width, channels] (any size the pools can reduce);
   output logits [batch, num_classes]. With `train=True` dropout is active and
   needs a 'dropout' RNG; with `batch_norm` the 'batch_stats' collection is
-  updated. `conv_impl` chooses the convolutions' library (see `MlpConv`).
+  updated. `conv` makes every convolution (see `MlpConv`).
   """
   blocks: tuple[BlockSpec, ...]
   num_classes: int
@@ -379,7 +374,7 @@ class NiN(nn.Module):
   weight_init: str = 'faithful'
   batch_norm: bool = False
   final_relu: bool = True
-  conv_impl: str = 'xla'
+  conv: ModuleDef = Conv
   dtype: Optional[Any] = None
   param_dtype: Any = jnp.float32
 
@@ -401,7 +396,7 @@ class NiN(nn.Module):
                   kernel_init=kernel_init, kernel_inits=per_layer,
                   batch_norm=self.batch_norm,
                   final_relu=self.final_relu or not last,
-                  conv_impl=self.conv_impl, dtype=self.dtype,
+                  conv=self.conv, dtype=self.dtype,
                   param_dtype=self.param_dtype, name=f'mlpconv{i + 1}')(
                       x, train=train)
       if block.pool == 'max':

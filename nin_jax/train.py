@@ -30,6 +30,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import conv_select
 from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import metric_writers
@@ -76,7 +77,7 @@ def build_model(c: ml_collections.ConfigDict) -> models.NiN:
       weight_init=c.model.weight_init,
       batch_norm=c.model.batch_norm,
       final_relu=c.model.final_relu,
-      conv_impl=c.model.conv_impl,
+      conv=conv_select.conv_module(c.model.conv_impl),
       dtype=None if c.dtype == 'float32' else jnp.dtype(c.dtype))
 
 
@@ -243,7 +244,7 @@ def compile_eval_step(model: models.NiN, mesh: Mesh, state_sharding: Any,
 
 def _under_mesh(mesh: Mesh, step_fn: Callable) -> Callable:
   """`step_fn` traced with `mesh` as the abstract mesh, so per-device kernels
-  (cpu_kernels) know how the batch is split."""
+  (nin_jax.plugins.onednn) know how the batch is split."""
   @functools.wraps(step_fn)
   def wrapped(*args, **kwargs):
     with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):

@@ -203,3 +203,25 @@ def test_imagenet_caffe_variant_is_the_zoo_solver():
                              rtol=1e-6)
   with pytest.raises(ValueError, match='variants are'):
     config_lib.sibling_config(__file__, '../configs/imagenet.py', 'alexnet')
+
+
+def test_core_modules_do_not_import_the_onednn_plugin():
+  """models, config_lib and train run without the plugin: only
+  conv_select.conv_module loads it, lazily, when a config asks for it."""
+  code = ('import sys\n'
+          'import nin_jax.models, nin_jax.config_lib, nin_jax.train, '
+          'nin_jax.inference, nin_jax.conv_select, nin_jax.main\n'
+          "print(sorted(m for m in sys.modules if 'plugins' in m))\n"
+          'nin_jax.conv_select.conv_module("xla")\n'
+          "print(sorted(m for m in sys.modules if 'plugins' in m))\n")
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.split('\n')[:2] == ['[]', '[]']
+
+
+def test_conv_select_xla_is_the_models_conv():
+  from nin_jax import conv_select, models  # pylint: disable=g-import-not-at-top
+  assert conv_select.conv_module('xla') is models.Conv
+  with pytest.raises(ValueError, match='conv_impl must be one of'):
+    conv_select.conv_module('mkldnn')

@@ -1,9 +1,11 @@
-"""Tests of the oneDNN CPU convolutions (Linux x86-64 CPUs only).
+"""Tests of the oneDNN CPU convolution plugin (Linux x86-64 CPUs only).
 
-Everything that every platform runs (config validation, BatchNorm) is tested
-in the other modules, never behind this module's platform skip.
+Everything that every platform runs (config validation, BatchNorm, the
+`conv` field) is tested in the other modules, never behind this module's
+platform skip.
 """
 
+import ctypes
 import os
 import platform
 import subprocess
@@ -15,17 +17,20 @@ import numpy as np
 import pytest
 
 import nin_jax
-from nin_jax import cpu_kernels
+from nin_jax import conv_select
+from nin_jax import models
+from nin_jax.plugins import onednn
 
 from conftest import REPO
 
 DN = ('NHWC', 'HWIO', 'NHWC')
 
-# nin-jax installs oneDNN on Linux x86-64, so there the kernels must build.
+# The test extra installs the cpu extra on Linux x86-64, so there the kernels
+# must load.
 pytestmark = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
     or platform.machine() != 'x86_64',
-    reason='the oneDNN kernels are installed on Linux x86-64 CPUs')
+    reason='the oneDNN plugin is installed on Linux x86-64 CPUs')
 
 
 def xla_conv(x, w, pad):
@@ -54,32 +59,35 @@ def test_onednn_conv_matches_xla_forward_and_gradients(shape):
   out = h + 2 * pad - k + 1
   g = jax.random.normal(keys[2], (n, out, w_ + 2 * pad - k + 1, co))
   ours = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: cpu_kernels.onednn_conv(x, w, pad), x, w, g))(x, w, g)
+      lambda x, w: onednn.onednn_conv(x, w, pad), x, w, g))(x, w, g)
   ref = value_and_grads(lambda x, w: xla_conv(x, w, pad), x, w, g)
   for a, b, name in zip(ours, ref, ('y', 'dx', 'dw')):
     assert a.shape == b.shape, name
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+def test_the_plugin_loads_and_runs_float32():
+  assert onednn.unavailable_reason() is None
+  assert onednn.supports(jnp.float32)
+  assert conv_select.onednn_unavailable_reason() is None
+
+
 def test_bfloat16_convolutions_run_on_every_cpu():
-  """'auto' and 'onednn' take bfloat16 to oneDNN where this CPU has it and to
-  XLA elsewhere; either way the result is XLA's within bfloat16 rounding."""
+  """bfloat16 goes to oneDNN where this CPU has it and to XLA elsewhere;
+  either way the result is XLA's within bfloat16 rounding."""
   keys = jax.random.split(jax.random.key(0), 2)
   x = jax.random.normal(keys[0], (2, 6, 6, 8)).astype(jnp.bfloat16)
   w = (jax.random.normal(keys[1], (3, 3, 8, 4)) * 0.2).astype(jnp.bfloat16)
   ref = xla_conv(x, w, 1).astype(np.float32)
-  for impl in ('auto', 'onednn'):
-    assert cpu_kernels.use_onednn(x, w, impl) == cpu_kernels.supports(
-        jnp.bfloat16)
-    out = jax.jit(lambda x, w: cpu_kernels.conv_general_dilated(
-        x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=DN,
-        impl=impl))(x, w)
-    np.testing.assert_allclose(out.astype(np.float32), ref,
-                               atol=1e-2 * float(np.abs(ref).max()))
+  assert onednn.use_onednn(x, w) == onednn.supports(jnp.bfloat16)
+  out = jax.jit(lambda x, w: onednn.conv_general_dilated(
+      x, w, (1, 1), [(1, 1), (1, 1)], dimension_numbers=DN))(x, w)
+  np.testing.assert_allclose(out.astype(np.float32), ref,
+                             atol=1e-2 * float(np.abs(ref).max()))
 
 
 def test_onednn_conv_in_bfloat16_matches_xla():
-  if not cpu_kernels.supports(jnp.bfloat16):
+  if not onednn.supports(jnp.bfloat16):
     pytest.skip('oneDNN has no bfloat16 convolution on this CPU (it needs '
                 'AVX-512 or AVX2-VNNI-2); XLA convolves bfloat16 here')
   keys = jax.random.split(jax.random.key(0), 3)
@@ -87,7 +95,7 @@ def test_onednn_conv_in_bfloat16_matches_xla():
   w = (jax.random.normal(keys[1], (3, 3, 16, 8)) * 0.2).astype(jnp.bfloat16)
   g = jax.random.normal(keys[2], (4, 9, 9, 8)).astype(jnp.bfloat16)
   ours = jax.jit(lambda x, w, g: value_and_grads(
-      lambda x, w: cpu_kernels.onednn_conv(x, w, 1), x, w, g))(x, w, g)
+      lambda x, w: onednn.onednn_conv(x, w, 1), x, w, g))(x, w, g)
   ref = value_and_grads(lambda x, w: xla_conv(x, w, 1), x, w, g)
   for a, b in zip(ours, ref):
     assert a.dtype == b.dtype == jnp.bfloat16
@@ -102,7 +110,7 @@ def test_onednn_conv_under_vmap_per_example_gradients():
   per_example = lambda conv: jax.vmap(jax.grad(
       lambda w, xi: jnp.sum(jnp.tanh(conv(xi[None], w)))), (None, 0))(w, x)
   np.testing.assert_allclose(
-      per_example(lambda x, w: cpu_kernels.onednn_conv(x, w, 1)),
+      per_example(lambda x, w: onednn.onednn_conv(x, w, 1)),
       per_example(lambda x, w: xla_conv(x, w, 1)), rtol=1e-4, atol=1e-4)
 
 
@@ -110,47 +118,79 @@ def test_conv_general_dilated_uses_onednn_only_where_it_can():
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((3, 3, 4, 5))
 
-  def hlo(**kw):
-    fn = lambda x, w: cpu_kernels.conv_general_dilated(
-        x, w, kw.pop('strides', (1, 1)), kw.pop('padding', [(1, 1)] * 2),
-        dimension_numbers=DN, **kw)
+  def hlo(x=x, w=w, strides=(1, 1), padding=((1, 1),) * 2):
+    fn = lambda x, w: onednn.conv_general_dilated(
+        x, w, strides, padding, dimension_numbers=DN)
     return jax.jit(fn).lower(x, w).as_text()
 
-  assert 'NinConvForward' in hlo(impl='auto')
-  assert 'NinConvForward' in hlo(impl='onednn')
-  assert 'NinConvForward' not in hlo(impl='xla')
-  assert 'NinConvForward' not in hlo(impl='auto', strides=(2, 2))
-  assert 'NinConvForward' not in hlo(impl='auto', padding=[(0, 1)] * 2)
-  assert 'NinConvForward' not in hlo(impl='auto', padding='SAME')
-  f16 = jax.jit(lambda x, w: cpu_kernels.conv_general_dilated(
-      x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN)).lower(
-          x.astype(jnp.float16), w.astype(jnp.float16)).as_text()
-  assert 'NinConvForward' not in f16
-  with pytest.raises(ValueError, match='conv impl must be one of'):
-    cpu_kernels.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
-                                     dimension_numbers=DN, impl='mkl')
+  assert 'NinConvForward' in hlo()
+  assert 'NinConvForward' in hlo(w=jnp.ones((1, 1, 4, 5)),
+                                 padding=((0, 0),) * 2)
+  assert 'NinConvForward' not in hlo(strides=(2, 2))
+  assert 'NinConvForward' not in hlo(padding=[(0, 1)] * 2)
+  assert 'NinConvForward' not in hlo(padding='SAME')
+  assert 'NinConvForward' not in hlo(x.astype(jnp.float16),
+                                     w.astype(jnp.float16))
 
 
-def test_unbuildable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
-  monkeypatch.setattr(cpu_kernels, '_state', {})
-  monkeypatch.setenv('NIN_JAX_CACHE', str(tmp_path / 'cache'))
-  monkeypatch.setattr(cpu_kernels, '_candidate_prefixes',
-                      lambda: [tmp_path / 'nowhere'])
+def test_fallback_runs_what_onednn_cannot():
+  calls = []
+
+  def fallback(*args, **kwargs):
+    calls.append(args[2])
+    return jax.lax.conv_general_dilated(*args, **kwargs)
+
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
-  conv = lambda impl: cpu_kernels.conv_general_dilated(
-      x, w, (1, 1), [(1, 1)] * 2, dimension_numbers=DN, impl=impl)
-  np.testing.assert_allclose(conv('auto'), xla_conv(x, w, 1))
-  assert not cpu_kernels.available()
-  with pytest.raises(cpu_kernels.OneDnnUnavailable,
-                     match='pip install onednn-cpu-gomp'):
-    conv('onednn')
+  onednn.conv_general_dilated(x, w, (2, 2), [(1, 1)] * 2,
+                              dimension_numbers=DN, fallback=fallback)
+  onednn.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                              dimension_numbers=DN, fallback=fallback)
+  assert calls == [(2, 2)]
+
+
+def test_unloadable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setenv('NIN_JAX_ONEDNN_ROOT', str(tmp_path / 'nowhere'))
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
+  out = onednn.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                    dimension_numbers=DN)
+  np.testing.assert_allclose(out, xla_conv(x, w, 1))
+  assert not onednn.available()
+  assert conv_select.conv_module('auto') is models.Conv
+  with pytest.raises(onednn.OneDnnUnavailable, match=r"nin-jax\[cpu\]"):
+    conv_select.conv_module('onednn')
+
+
+def test_a_library_of_another_onednn_version_is_refused(monkeypatch):
+  monkeypatch.setattr(onednn, '_state', {})
+  real_cdll = ctypes.CDLL
+
+  class OtherVersion:
+    def __init__(self, library):
+      self._library = library
+
+    def __getattr__(self, name):
+      if name == 'NinConvRuntimeVersion':
+        return lambda: 30400  # oneDNN 3.4.0
+      return getattr(self._library, name)
+
+  def cdll(path, *args, **kwargs):
+    library = real_cdll(path, *args, **kwargs)
+    return OtherVersion(library) if '_onednn_conv' in str(path) else library
+
+  monkeypatch.setattr(onednn.ctypes, 'CDLL', cdll)
+  assert 'built against oneDNN 3.2' in onednn.unavailable_reason()
+  assert '3.4.0 is installed' in onednn.unavailable_reason()
 
 
 def test_cifar10_model_with_onednn_matches_xla_and_plain_reference():
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
-  xla = nin_jax.create_model('cifar10', conv_impl='xla')
-  ours = nin_jax.create_model('cifar10', conv_impl='onednn')
+  xla = nin_jax.create_model('cifar10', conv=conv_select.conv_module('xla'))
+  ours = nin_jax.create_model('cifar10',
+                              conv=conv_select.conv_module('onednn'))
   params = xla.init(jax.random.key(1), x)['params']
+  assert 'NinConvForward' in jax.jit(ours.apply).lower(
+      {'params': params}, x).as_text()
   assert jax.tree.structure(params) == jax.tree.structure(
       ours.init(jax.random.key(1), x)['params'])
 
@@ -169,7 +209,7 @@ def test_cifar10_model_with_onednn_matches_xla_and_plain_reference():
 MESH_SCRIPT = """
 import jax, jax.numpy as jnp, numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-from nin_jax import cpu_kernels
+from nin_jax.plugins import onednn
 assert jax.device_count() == 4
 mesh = Mesh(np.array(jax.devices()), ('data',))
 keys = jax.random.split(jax.random.key(0), 3)
@@ -181,7 +221,7 @@ def vg(conv, x, w, g):
   return (y, *vjp(g))
 def sharded(x, w):
   with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
-    return cpu_kernels.onednn_conv(x, w, 1)
+    return onednn.onednn_conv(x, w, 1)
 data, rep = NamedSharding(mesh, P('data')), NamedSharding(mesh, P())
 fn = jax.jit(lambda x, w, g: vg(sharded, x, w, g),
              in_shardings=(data, rep, data))
@@ -205,3 +245,70 @@ def test_onednn_conv_per_device_under_a_mesh_sums_weight_gradients():
                        capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.strip().endswith('OK')
+
+
+# Transforms beyond reverse mode: forward mode and higher derivatives run on
+# the handlers; what the plugin cannot do (see its docstring) falls back to
+# XLA's convolution or raises an error that says what to do.
+
+def _model_and_batch():
+  model = nin_jax.create_model('quickstart',
+                               conv=conv_select.conv_module('onednn'))
+  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  params = model.init(jax.random.key(1), x)['params']
+  return model, params, x
+
+
+def test_forward_mode_and_second_derivatives_match_xla():
+  shape = (2, 7, 6, 3, 5, 3, 1)  # batch, height, width, in, out, kernel, pad
+  n, h, w_, ci, co, k, pad = shape
+  x = jax.random.normal(jax.random.key(0), (n, h, w_, ci))
+  w = jax.random.normal(jax.random.key(1), (k, k, ci, co)) * 0.3
+  ours = lambda x, w: jnp.tanh(onednn.onednn_conv(x, w, pad))
+  ref = lambda x, w: jnp.tanh(xla_conv(x, w, pad))
+
+  def close(a, b):
+    for u, v in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+      np.testing.assert_allclose(u, v, rtol=2e-4, atol=2e-4)
+
+  tangents = (jnp.ones_like(x), jnp.ones_like(w))
+  close(jax.jit(lambda x, w: jax.jvp(ours, (x, w), tangents))(x, w),
+        jax.jvp(ref, (x, w), tangents))
+  grad_of_grad = lambda f: jax.grad(lambda x: jnp.sum(jax.grad(
+      lambda x, w: jnp.sum(f(x, w) ** 2), (0, 1))(x, w)[1] ** 2))(x)
+  close(jax.jit(lambda x: grad_of_grad(ours))(x), grad_of_grad(ref))
+  text = jax.jit(lambda x: grad_of_grad(ours)).lower(x).as_text()
+  assert 'NinConvBackwardData' in text and 'convolution' not in text
+
+
+def test_jax_export_refuses_the_custom_calls():
+  model, params, x = _model_and_batch()
+  f = jax.jit(lambda x: model.apply({'params': params}, x))
+  with pytest.raises(ValueError, match='NinConvForward'):
+    jax.export.export(f)(x)
+  xla = model.clone(conv=conv_select.conv_module('xla'))
+  jax.export.export(jax.jit(lambda x: xla.apply({'params': params}, x)))(x)
+
+
+def test_meshes_with_explicit_axes_fall_back_to_xla():
+  model, params, x = _model_and_batch()
+  mesh = jax.make_mesh((1,), ('data',),
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+
+  def apply(params, x):
+    with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+      return model.apply({'params': params}, x)
+
+  text = jax.jit(apply).lower(params, x).as_text()
+  assert 'NinConvForward' not in text and 'convolution' in text
+  with jax.set_mesh(mesh):
+    out = jax.jit(apply)(params, x)
+  np.testing.assert_allclose(
+      out, model.clone(conv=models.Conv).apply({'params': params}, x),
+      rtol=1e-5, atol=1e-5)
+
+
+def test_auto_picks_the_plugin_here():
+  auto = conv_select.conv_module('auto')
+  assert auto is conv_select.conv_module('onednn')  # Cached: models compare.
+  assert auto is not models.Conv

@@ -119,13 +119,35 @@ def test_max_pool_gradient_matches_reduce_window(size, relu_first):
   np.testing.assert_allclose(g_fast, g_ref, rtol=1e-6)
 
 
-def test_conv1x1_equals_nn_conv():
+@pytest.mark.parametrize('kernel,padding', [((1, 1), 0), ((3, 3), 1)])
+def test_conv_equals_nn_conv(kernel, padding):
   x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
-  conv = models.Conv1x1(4)
+  conv = models.Conv(4, kernel, padding=padding)
   params = conv.init(jax.random.key(1), x)
-  reference = nn.Conv(4, (1, 1)).apply(params, x)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(
+      jnp.shape, nn.Conv(4, kernel).init(jax.random.key(1), x))
+  reference = nn.Conv(4, kernel, padding=padding).apply(params, x)
   np.testing.assert_allclose(conv.apply(params, x), reference, rtol=1e-5,
                              atol=1e-6)
+  dot = 'dot_general' in jax.jit(conv.apply).lower(params, x).as_text()
+  assert dot == (kernel == (1, 1))
+
+
+def test_the_conv_field_makes_every_convolution():
+  """A model's convolutions all come from its `conv` module (how a plugin's
+  kernels are plugged in), with the same parameters as the default."""
+  made = []
+
+  def recording_conv(features, kernel_size, **kwargs):
+    made.append(tuple(kernel_size))
+    return models.Conv(features, kernel_size, **kwargs)
+
+  x = jnp.zeros((1, 8, 8, 1))
+  default = nin_jax.create_model('quickstart').init(jax.random.key(0), x)
+  plugged = nin_jax.create_model('quickstart', conv=recording_conv).init(
+      jax.random.key(0), x)
+  assert made == [(3, 3), (1, 1), (1, 1)] * 3
+  jax.tree.map(np.testing.assert_array_equal, default, plugged)
 
 
 class ReferenceNiN(nn.Module):

@@ -6,7 +6,6 @@ import pytest
 
 from conftest import shared_data_dir
 from nin_jax import config_lib
-from nin_jax import input_pipeline
 from nin_jax import readers
 from nin_jax import train
 

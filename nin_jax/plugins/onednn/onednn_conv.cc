@@ -3,8 +3,9 @@
 // Three handlers (forward, input gradient, weight gradient) of a stride-1
 // convolution with symmetric zero padding, float32 or bfloat16; x is
 // [N, H, W, C] and w is [KH, KW, C, O], the layouts of flax's nn.Conv.
-// nin_jax/cpu_kernels.py builds this file on first use and wraps the handlers
-// in a custom VJP.
+// setup.py compiles this file when nin-jax is installed; __init__.py beside it
+// loads it and makes each handler a JAX primitive whose transposes are the
+// other two.
 #include <cstdint>
 #include <exception>
 #include <initializer_list>
@@ -282,4 +283,17 @@ extern "C" int NinConvSupports(int type) {
   } catch (...) {
     return 0;
   }
+}
+
+// The oneDNN version (major * 10000 + minor * 100 + patch) this file was
+// compiled against, and the one of the libdnnl it runs with: __init__.py
+// refuses a library whose major.minor differs from the headers'.
+extern "C" int NinConvBuiltWithVersion() {
+  return DNNL_VERSION_MAJOR * 10000 + DNNL_VERSION_MINOR * 100 +
+         DNNL_VERSION_PATCH;
+}
+
+extern "C" int NinConvRuntimeVersion() {
+  const dnnl_version_t* v = dnnl::version();
+  return v->major * 10000 + v->minor * 100 + v->patch;
 }

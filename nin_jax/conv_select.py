@@ -1,0 +1,58 @@
+"""From a config's `model.conv_impl` to the convolution module a model takes.
+
+The one place that may import a convolution plugin, and only lazily, so
+`models`, `config_lib` and `train` stay free of it:
+- 'xla': `models.Conv` (XLA's convolutions, 1 x 1 ones as a dot).
+- 'auto': the oneDNN plugin's module (nin_jax.plugins.onednn, the `cpu`
+  extra) when it loads, else `models.Conv`. The plugin itself uses XLA's
+  convolution wherever it cannot run oneDNN (other backends, strided layers,
+  float16, bfloat16 on CPUs without it, meshes with Explicit axes).
+- 'onednn': the plugin's module, raising `OneDnnUnavailable` if it cannot
+  load (`config_lib.check_conv_impl` says so before a run starts).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from absl import logging
+
+from nin_jax import models
+
+IMPLS = ('auto', 'xla', 'onednn')
+
+
+def _onednn():
+  """The oneDNN plugin module, or None if it is not installed."""
+  try:
+    from nin_jax.plugins import onednn  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return None
+  return onednn
+
+
+def onednn_unavailable_reason() -> Optional[str]:
+  """None if the oneDNN plugin loads here, else why not."""
+  onednn = _onednn()
+  if onednn is None:
+    return "the nin_jax.plugins.onednn package is not installed"
+  return onednn.unavailable_reason()
+
+
+def conv_module(impl: str) -> Any:
+  """The `conv` module (an `nn.Conv` factory) for conv_impl `impl`."""
+  if impl not in IMPLS:
+    raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}.')
+  if impl == 'xla':
+    return models.Conv
+  reason = onednn_unavailable_reason()
+  if reason is not None:
+    if impl == 'auto':
+      logging.info("conv_impl='auto': oneDNN unavailable (%s); using XLA's "
+                   'convolutions.', reason.rstrip('.'))
+      return models.Conv
+    onednn = _onednn()
+    raise (onednn.OneDnnUnavailable if onednn else RuntimeError)(reason)
+  logging.info("conv_impl=%r: oneDNN convolutions on the CPU backend "
+               '(nin_jax.plugins.onednn).', impl)
+  return _onednn().conv_module(fallback=models.conv_general_dilated)
