@@ -37,3 +37,11 @@ def quickstart_config():
   """The quick-start config, for tests to shorten."""
   from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load_config_file(str(REPO / 'configs' / 'quickstart.py'))
+
+
+@pytest.fixture(scope='session')
+def reference(tmp_path_factory):
+  """The final state of test_reliability's uninterrupted quick-start run, made
+  once per session for every test that compares a resumed run with it."""
+  import test_reliability  # pylint: disable=g-import-not-at-top
+  return test_reliability.reference_run(tmp_path_factory)

@@ -108,8 +108,9 @@ def assert_identical(a, b):
                                   err_msg=jax.tree_util.keystr(path))
 
 
-@pytest.fixture(scope='module')
-def reference(tmp_path_factory):
+def reference_run(tmp_path_factory):
+  """The final state of an uninterrupted run (conftest's session fixture
+  `reference`, shared with test_cloud_storage.py)."""
   workdir = tmp_path_factory.mktemp('reference')
   code, err = finish(launch(workdir))
   assert code == 0, err[-3000:]
