@@ -1,6 +1,7 @@
 """Shared pytest fixtures for nin-jax."""
 
 import atexit
+import json
 import os
 import pathlib
 import shutil
@@ -45,3 +46,33 @@ def reference(tmp_path_factory):
   once per session for every test that compares a resumed run with it."""
   import test_reliability  # pylint: disable=g-import-not-at-top
   return test_reliability.reference_run(tmp_path_factory)
+
+
+def restore_in_this_process(workdir: str, saved: dict, num_train_examples: int,
+                            image_shape=(8, 8, 1)) -> int:
+  """Restores WORKDIR's newest checkpoint through nin_jax (one device, its
+  config.json's model) and asserts every array of the state equals `saved`
+  (the checkpoint as plain orbax reads it), element by element; returns the
+  restored step."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  from nin_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
+  c = ml_collections.ConfigDict(json.loads(
+      (epath.Path(workdir) / 'config.json').read_text()))
+  trainer = train.create_trainer(c, image_shape, num_train_examples,
+                                 mesh=train.create_mesh(jax.devices()[:1]))
+  manager = checkpoints.create_manager(str(workdir), 5, async_save=False)
+  try:
+    step, restored = checkpoints.restore_latest(manager, trainer.state)
+  finally:
+    manager.close()
+  for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng'):
+    ours, theirs = (jax.tree.leaves(t) for t in (
+        jax.device_get(getattr(restored, name)), saved[name]))
+    assert len(ours) == len(theirs) > 0, name
+    for x, y in zip(ours, theirs):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                    err_msg=name)
+  return step

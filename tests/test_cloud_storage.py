@@ -36,13 +36,9 @@ from etils.epath import backend as epath_backend  # pylint: disable=g-import-not
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import ml_collections  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-from conftest import REPO  # pylint: disable=g-import-not-at-top,wrong-import-position
+from conftest import REPO, restore_in_this_process  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nin_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nin_jax import train  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_inference import command, error_lines  # pylint: disable=g-import-not-at-top,wrong-import-position
 from test_reliability import (ARGS, FAULT_RUNNER, STEPS, assert_identical,  # pylint: disable=g-import-not-at-top,wrong-import-position
                               finish, launch, resumed_from)
@@ -214,24 +210,9 @@ def test_two_processes_write_one_checkpoint_and_resume_from_it(emulator,
   assert {n.split('/')[4] for n in names if 'ocdbt.process_' in n} == {
       'ocdbt.process_0', 'ocdbt.process_1'}, names
 
-  config, _, _ = read_back(emulator, 'two')
-  c = ml_collections.ConfigDict(config)
-  trainer = train.create_trainer(c, (8, 8, 1), 1438,
-                                 mesh=train.create_mesh(jax.devices()[:1]))
-  manager = checkpoints.create_manager(workdir, 5, async_save=False)
-  try:
-    step, restored = checkpoints.restore_latest(manager, trainer.state)
-  finally:
-    manager.close()
-  assert step == saved
-  written = plain_orbax(workdir, saved)
-  for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng'):
-    ours, theirs = (jax.tree.leaves(t) for t in (
-        jax.device_get(getattr(restored, name)), written[name]))
-    assert len(ours) == len(theirs) > 0, name
-    for x, y in zip(ours, theirs):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                    err_msg=name)
+  uncached()
+  assert restore_in_this_process(workdir, plain_orbax(workdir, saved),
+                                 1438) == saved
 
   assert launch_two(workdir, tmp_path / 'logs_2') == 0
   log = (tmp_path / 'logs_2' / 'process_0.log').read_text()

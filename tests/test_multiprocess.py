@@ -17,13 +17,13 @@ import sys
 import time
 
 import jax
-import ml_collections
 import numpy as np
 import psutil
 import pytest
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / 'experiments'))
+from conftest import restore_in_this_process  # pylint: disable=g-import-not-at-top
 from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top
 import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -209,24 +209,7 @@ def test_checkpoints_move_between_topologies(runs, tmp_path):
   _, two, _ = runs
   # In this process (1 device): nin_jax's restore of the 2 x 2 checkpoint
   # equals the arrays in the files, element by element.
-  from nin_jax import train  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict(json.loads((two / 'config.json').read_text()))
-  trainer = train.create_trainer(c, (8, 8, 1), 1438,
-                                 mesh=train.create_mesh(jax.devices()[:1]))
-  manager = checkpoints.create_manager(str(two), 5, async_save=False)
-  try:
-    step, restored = checkpoints.restore_latest(manager, trainer.state)
-  finally:
-    manager.close()
-  assert step == STEPS
-  saved = state_at(two)
-  for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng'):
-    ours, theirs = (jax.tree.leaves(t) for t in (
-        jax.device_get(getattr(restored, name)), saved[name]))
-    assert len(ours) == len(theirs) > 0, name
-    for x, y in zip(ours, theirs):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                    err_msg=name)
+  assert restore_in_this_process(two, state_at(two), 1438) == STEPS
 
   # A 1 x 1 process resumes from the 2 x 2 checkpoint at step 10 and writes
   # its own at step 15; a 2 x 2 run then resumes from that one.
