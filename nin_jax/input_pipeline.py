@@ -476,7 +476,7 @@ def eval_batches(split: AnySplit, batch_size: int,
   beyond the split (rounded up to the device count) shrinks to it: the
   padding would only be masked out."""
   n = len(split)
-  devices = sharding.mesh.size if hasattr(sharding, 'mesh') else 1
+  devices = len(sharding.device_set)
   batch_size = min(batch_size, -(-n // devices) * devices)
   rows = process_rows(batch_size)
 

@@ -35,9 +35,12 @@ def _record_step(line: str) -> int:
   return int(json.loads(line)['step'])
 
 
-def _lines_up_to(path: epath.Path, resume_step: Optional[int]) -> list[str]:
-  """The lines of `path` (if any) of steps up to `resume_step` (all if None)."""
-  lines = path.read_text().splitlines() if path.exists() else []
+def _read_lines(path: epath.Path) -> list[str]:
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def _lines_up_to(lines: list[str], resume_step: Optional[int]) -> list[str]:
+  """The non-empty `lines` of steps up to `resume_step` (all if None)."""
   return [l for l in lines if l and (
       resume_step is None or _record_step(l) <= resume_step)]
 
@@ -52,7 +55,7 @@ class _RewrittenObject:
                every_secs: float = 5.0):
     self._path = path
     self._every_secs = every_secs
-    self._lines = _lines_up_to(path, resume_step)
+    self._lines = _lines_up_to(_read_lines(path), resume_step)
     self._uploaded = time.monotonic()
     self._dirty = True
 
@@ -93,12 +96,12 @@ class MetricWriter:
     if remote:
       self._file = _RewrittenObject(path, resume_step)
     else:
-      if resume_step is not None and path.exists():
-        kept = _lines_up_to(path, resume_step)
-        if len(kept) < len(path.read_text().splitlines()):
-          staged = path.with_name('metrics.jsonl.tmp')
-          staged.write_text(''.join(l + '\n' for l in kept))
-          staged.replace(path)
+      lines = _read_lines(path) if resume_step is not None else []
+      kept = _lines_up_to(lines, resume_step)
+      if len(kept) < len(lines):
+        staged = path.with_name('metrics.jsonl.tmp')
+        staged.write_text(''.join(l + '\n' for l in kept))
+        staged.replace(path)
       self._file = path.open('a')
     self._remote = remote
     try:
