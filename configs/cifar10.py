@@ -4,7 +4,7 @@ r"""NiN on CIFAR-10, as the paper (Table 2: 10.41% test error without augmentati
   python -m nin_jax.main --config=configs/cifar10.py --workdir=runs/cifar10
   # offline, from the Keras-layout arrays:
   python -m nin_jax.main --config=configs/cifar10.py --workdir=runs/cifar10 \
-      --config.dataset=npz:../shared/data/cifar10/cifar10.npz
+      --config.data.dataset=npz:../shared/data/cifar10/cifar10.npz
 
 Variants (`--config=configs/cifar10.py:VARIANT`), the paper's Table 5 ablation
 and the Caffe model zoo layout:
@@ -33,24 +33,24 @@ def get_config(variant: str = 'gap') -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f'configs/cifar10.py:{variant}: variants are {VARIANTS}.')
   c = config_lib.default_config()
-  c.preset = 'cifar10'
-  c.dataset = 'tfds:cifar10'
-  c.preprocessing = 'gcn_zca'      # GCN (scale 55) + ZCA, as Maxout and NiN.
-  c.augment = False
-  c.batch_size = 128
-  c.eval_batch_size = 500
-  c.num_epochs = 160.0
-  c.learning_rate = 0.1            # Caffe solver: base_lr 0.1, biases x2,
-  c.bias_lr_mult = 2.0             # the class-map layer x0.1.
-  c.last_layer_lr_mult = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 1e-4
-  c.schedule = 'plateau'           # "divide by 10 when training accuracy
-  c.plateau_patience_epochs = 8    # stops improving", twice.
-  c.plateau_max_reductions = 2
+  c.model.preset = 'cifar10'
+  c.data.dataset = 'tfds:cifar10'
+  c.data.preprocessing = 'gcn_zca'      # GCN (scale 55) + ZCA, as Maxout and NiN.
+  c.data.augment = False
+  c.train.batch_size = 128
+  c.train.eval_batch_size = 500
+  c.train.num_epochs = 160.0
+  c.optim.learning_rate = 0.1            # Caffe solver: base_lr 0.1, biases x2,
+  c.optim.bias_lr_mult = 2.0             # the class-map layer x0.1.
+  c.optim.last_layer_lr_mult = 0.1
+  c.optim.momentum = 0.9
+  c.optim.weight_decay = 1e-4
+  c.optim.schedule = 'plateau'           # "divide by 10 when training accuracy
+  c.optim.plateau_patience_epochs = 8    # stops improving", twice.
+  c.optim.plateau_max_reductions = 2
   c.model.weight_init = 'modern'
   c.model.batch_norm = True
-  c.log_every_steps = 100
+  c.train.log_every_steps = 100
   if variant in ('fc', 'fc_dropout'):
     c.model.head = 'fc'
     c.model.head_dropout_rate = 0.5 if variant == 'fc_dropout' else 0.0

@@ -11,6 +11,6 @@ from nin_jax import config_lib
 
 def get_config() -> ml_collections.ConfigDict:
   c = config_lib.sibling_config(__file__, 'cifar10.py')
-  c.preset = 'cifar100'
-  c.dataset = 'tfds:cifar100'
+  c.model.preset = 'cifar100'
+  c.data.dataset = 'tfds:cifar100'
   return c

@@ -3,7 +3,7 @@ r"""NiN on CIFAR-10 with translation and flip augmentation (Table 2: 8.81%).
 
   python -m nin_jax.main --config=configs/cifar10_aug.py --workdir=runs/cifar10_aug
   python -m nin_jax.main --config=configs/cifar10_aug.py --workdir=runs/cifar10_aug \
-      --config.dataset=npz:../shared/data/cifar10/cifar10.npz
+      --config.data.dataset=npz:../shared/data/cifar10/cifar10.npz
 """
 
 import ml_collections
@@ -13,8 +13,8 @@ from nin_jax import config_lib
 
 def get_config() -> ml_collections.ConfigDict:
   c = config_lib.sibling_config(__file__, 'cifar10.py')
-  c.augment = True
-  c.translate_pixels = 4           # Pad 4 and crop back to 32x32.
-  c.flip = True
-  c.num_epochs = 200.0
+  c.data.augment = True
+  c.data.translate_pixels = 4           # Pad 4 and crop back to 32x32.
+  c.data.flip = True
+  c.train.num_epochs = 200.0
   return c

@@ -4,7 +4,7 @@ r"""NiN on ImageNet (ILSVRC-2012), the Caffe model zoo "NIN-Imagenet" layout.
   python -m nin_jax.main --config=configs/imagenet.py --workdir=gs://BUCKET/nin_imagenet
   python -m nin_jax.main --config=configs/imagenet.py:caffe --workdir=gs://BUCKET/nin_imagenet_caffe
 
-Needs a prepared TFDS `imagenet2012` (ArrayRecord) in --config.data_dir (README,
+Needs a prepared TFDS `imagenet2012` (ArrayRecord) in --config.data.data_dir (README,
 "Preparing TFDS data offline"). It is streamed: each process decodes only its
 rows of every batch, train images as Inception-style random-resized 224x224
 crops with horizontal flips, validation images as the central 224x224 of the
@@ -36,39 +36,39 @@ def get_config(variant: str = 'modern') -> ml_collections.ConfigDict:
   if variant not in VARIANTS:
     raise ValueError(f'configs/imagenet.py:{variant}: variants are {VARIANTS}.')
   c = config_lib.default_config()
-  c.preset = 'imagenet'
-  c.dataset = 'tfds:imagenet2012'
-  c.preprocessing = 'standardize'  # Streamed: the fixed ImageNet mean/std.
-  c.image_size = 224
-  c.augment = True                 # Random-resized crops + flips, on the host.
-  c.translate_pixels = 0           # No device translation for streamed data.
-  c.batch_size = 256
-  c.eval_batch_size = 256
-  c.num_epochs = 90.0
-  c.learning_rate = 0.01           # Caffe NIN-Imagenet solver base_lr.
-  c.last_layer_lr_mult = 1.0
-  c.weight_decay = 5e-4
-  c.schedule = 'step'
-  c.lr_boundaries_epochs = (30.0, 60.0, 80.0)
+  c.model.preset = 'imagenet'
+  c.data.dataset = 'tfds:imagenet2012'
+  c.data.preprocessing = 'standardize'  # Streamed: the fixed ImageNet mean/std.
+  c.data.image_size = 224
+  c.data.augment = True                 # Random-resized crops + flips, on the host.
+  c.data.translate_pixels = 0           # No device translation for streamed data.
+  c.train.batch_size = 256
+  c.train.eval_batch_size = 256
+  c.train.num_epochs = 90.0
+  c.optim.learning_rate = 0.01           # Caffe NIN-Imagenet solver base_lr.
+  c.optim.last_layer_lr_mult = 1.0
+  c.optim.weight_decay = 5e-4
+  c.optim.schedule = 'step'
+  c.optim.lr_boundaries_epochs = (30.0, 60.0, 80.0)
   c.model.weight_init = 'modern'
   c.model.batch_norm = False
-  c.dtype = 'bfloat16'
-  c.log_every_steps = 100
-  c.eval_every_steps = 5000
-  c.checkpoint_every_steps = 2500
+  c.model.dtype = 'bfloat16'
+  c.train.log_every_steps = 100
+  c.train.eval_every_steps = 5000
+  c.train.checkpoint_every_steps = 2500
   if variant == 'caffe':
-    c.batch_size = CAFFE_BATCH
-    c.num_train_steps = 450_000        # max_iter
-    c.learning_rate = 0.01             # base_lr, lr_policy "step":
-    c.lr_decay = 0.1                   # gamma 0.1 every stepsize 200,000
-    c.lr_boundaries_epochs = tuple(    # iterations (in epochs of the full
+    c.train.batch_size = CAFFE_BATCH
+    c.train.num_train_steps = 450_000        # max_iter
+    c.optim.learning_rate = 0.01             # base_lr, lr_policy "step":
+    c.optim.lr_decay = 0.1                   # gamma 0.1 every stepsize 200,000
+    c.optim.lr_boundaries_epochs = tuple(    # iterations (in epochs of the full
         step / CAFFE_STEPS_PER_EPOCH   # training split, 20,018 steps each).
         for step in (200_000, 400_000))
-    c.momentum = 0.9
-    c.weight_decay = 5e-4
-    c.bias_lr_mult = 2.0               # blobs_lr 1, 2 on every layer.
-    c.last_layer_lr_mult = 1.0
+    c.optim.momentum = 0.9
+    c.optim.weight_decay = 5e-4
+    c.optim.bias_lr_mult = 2.0               # blobs_lr 1, 2 on every layer.
+    c.optim.last_layer_lr_mult = 1.0
     c.model.weight_init = 'faithful'   # Per-layer std: models.PRESETS.
     c.model.batch_norm = False
-    c.dtype = 'float32'
+    c.model.dtype = 'float32'
   return c

@@ -112,9 +112,9 @@ def load_config(args: argparse.Namespace):
   variant = (args.variant,) if args.variant else ()
   c = config_lib.sibling_config(str(configs / 'x.py'), f'{args.preset}.py',
                                 *variant)
-  c.batch_size = args.batch_size or c.batch_size
-  c.eval_batch_size = args.eval_batch_size or c.batch_size
-  c.dtype = args.dtype or c.dtype
+  c.train.batch_size = args.batch_size or c.train.batch_size
+  c.train.eval_batch_size = args.eval_batch_size or c.train.batch_size
+  c.model.dtype = args.dtype or c.model.dtype
   c.model.conv_impl = args.conv_impl or c.model.conv_impl
   return c
 
@@ -144,9 +144,9 @@ class JaxRunner:
   def __init__(self, c, compiler_options: Optional[dict[str, Any]] = None):
     from nin_jax import models  # pylint: disable=g-import-not-at-top
     from nin_jax import train  # pylint: disable=g-import-not-at-top
-    spec = models.PRESETS[c.preset]
+    spec = models.PRESETS[c.model.preset]
     shape = (spec.image_size, spec.image_size, spec.channels)
-    trainer = train.create_trainer(c, shape, c.batch_size * 100)
+    trainer = train.create_trainer(c, shape, c.train.batch_size * 100)
     self.model = trainer.model
     rng = np.random.default_rng(0)
 
@@ -154,16 +154,16 @@ class JaxRunner:
       return jax.device_put(x, trainer.data_sharding)
 
     self.train_batch = {
-        'image': put(rng.normal(size=(c.batch_size, *shape)
+        'image': put(rng.normal(size=(c.train.batch_size, *shape)
                                 ).astype(np.float32)),
-        'label': put(rng.integers(0, spec.num_classes, c.batch_size
+        'label': put(rng.integers(0, spec.num_classes, c.train.batch_size
                                   ).astype(np.int32))}
     self.eval_batch = {
-        'image': put(rng.normal(size=(c.eval_batch_size, *shape)
+        'image': put(rng.normal(size=(c.train.eval_batch_size, *shape)
                                 ).astype(np.float32)),
         'label': put(rng.integers(0, spec.num_classes,
-                                  c.eval_batch_size).astype(np.int32)),
-        'mask': put(np.ones(c.eval_batch_size, bool))}
+                                  c.train.eval_batch_size).astype(np.int32)),
+        'mask': put(np.ones(c.train.eval_batch_size, bool))}
     self.state = trainer.state
     start = time.perf_counter()
     self.train_fn = trainer.train_fn.lower(self.state, self.train_batch
@@ -207,7 +207,7 @@ def conv_impl(c) -> str:
   """Which library runs nin-jax's convolutions in this process."""
   from nin_jax import conv_select  # pylint: disable=g-import-not-at-top
   uses = (c.model.conv_impl != 'xla' and jax.default_backend() == 'cpu'
-          and c.dtype in ('float32', 'bfloat16')
+          and c.model.dtype in ('float32', 'bfloat16')
           and conv_select.onednn_unavailable_reason() is None)
   return 'onednn' if uses else 'xla'
 
@@ -243,7 +243,7 @@ def build_torch(c, variants: list[str], warmup: int
   import torch_nin  # pylint: disable=g-import-not-at-top
   for variant in variants:
     try:
-      runner = torch_nin.TorchRunner(c.preset, c.batch_size, variant,
+      runner = torch_nin.TorchRunner(c.model.preset, c.train.batch_size, variant,
                                      batch_norm=c.model.batch_norm)
       start = time.perf_counter()
       runner.train_step()
@@ -262,7 +262,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   """Builds, warms up and times every variant; returns the results."""
   variants, torch_missing = torch_variants(args.torch)
   c = load_config(args)
-  auto_devices = configure_devices(args, (c.batch_size, c.eval_batch_size))
+  auto_devices = configure_devices(
+      args, (c.train.batch_size, c.train.eval_batch_size))
   jax_runner = JaxRunner(c)
   for _ in range(args.warmup):
     jax_runner.train_step()
@@ -281,15 +282,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
   device = jax.devices()[0]
   train_flops = 3 * jax_runner.flops_per_image
-  train_ips = c.batch_size / statistics.median(times['jax'][0])
-  eval_ips = c.eval_batch_size / statistics.median(times['jax'][1])
-  peak = (peak_flops(device.device_kind, c.dtype) if device.platform != 'cpu'
+  train_ips = c.train.batch_size / statistics.median(times['jax'][0])
+  eval_ips = c.train.eval_batch_size / statistics.median(times['jax'][1])
+  peak = (peak_flops(device.device_kind, c.model.dtype) if device.platform != 'cpu'
           else None)
   peak = peak * len(jax.devices()) if peak else None
   result = {
-      'preset': c.preset, 'variant': args.variant or 'default',
-      'batch_norm': bool(c.model.batch_norm), 'batch_size': c.batch_size,
-      'eval_batch_size': c.eval_batch_size, 'dtype': c.dtype,
+      'preset': c.model.preset, 'variant': args.variant or 'default',
+      'batch_norm': bool(c.model.batch_norm), 'batch_size': c.train.batch_size,
+      'eval_batch_size': c.train.eval_batch_size, 'dtype': c.model.dtype,
       'backend': jax.default_backend(), 'device_kind': device.device_kind,
       'devices': len(jax.devices()), 'auto_cpu_devices': auto_devices,
       'conv_impl': conv_impl(c),
@@ -299,7 +300,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
       'eval_step_ms': 1e3 * statistics.median(times['jax'][1]),
       'forward_gflop_per_image': jax_runner.flops_per_image / 1e9,
       'xla_forward_gflop_per_image': (
-          (jax_runner.xla_forward_flops_per_image(c.eval_batch_size) or 0)
+          (jax_runner.xla_forward_flops_per_image(c.train.eval_batch_size) or 0)
           / 1e9 or None),
       'train_gflop_per_sec': train_ips * train_flops / 1e9,
       'eval_gflop_per_sec': eval_ips * jax_runner.flops_per_image / 1e9,
@@ -312,10 +313,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   }
   for variant, info in torch_info.items():
     if variant in times:
-      info['train_images_per_sec'] = c.batch_size / statistics.median(
+      info['train_images_per_sec'] = c.train.batch_size / statistics.median(
           times[variant][0])
       # The torch peer evaluates a batch of --batch-size.
-      info['eval_images_per_sec'] = c.batch_size / statistics.median(
+      info['eval_images_per_sec'] = c.train.batch_size / statistics.median(
           times[variant][1])
       info['threads'] = torch_threads
     result['torch'][variant] = info

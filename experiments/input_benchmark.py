@@ -147,14 +147,14 @@ def imagenet_main(args: argparse.Namespace) -> dict:
   images = synthetic_jpeg_pixels(rng, n)
   labels = rng.integers(0, 1000, n)
   c = config_lib.sibling_config(str(REPO / 'configs' / 'x'), 'imagenet.py')
-  c.data_workers, c.batch_size = args.data_workers, args.batch_size
+  c.data.data_workers, c.train.batch_size = args.data_workers, args.batch_size
   with tempfile.TemporaryDirectory() as data_dir:
     with contextlib.redirect_stdout(sys.stderr):  # TFDS prints its progress.
       tfds_source.write_prepared('imagenet2012', data_dir,
                                  {'train': (images, labels),
                                   'validation': (images, labels)})
-    c.data_dir = data_dir
-    dataset = input_pipeline.load_dataset(c, 1000)
+    c.data.data_dir = data_dir
+    dataset = input_pipeline.load_dataset(c.data, 1000)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     batch = args.batch_size
     train_rate = time_stream(  # Two epochs: nothing is cached between them.
@@ -164,7 +164,7 @@ def imagenet_main(args: argparse.Namespace) -> dict:
         input_pipeline.eval_batches(dataset.eval, batch, sharding),
         -(-n // batch) - 1, batch)
   return {'source': 'imagenet', 'num_images': n, 'image': [375, 500],
-          'crop': c.image_size, 'batch_size': args.batch_size,
+          'crop': c.data.image_size, 'batch_size': args.batch_size,
           'data_workers': dataset.train.workers,
           'rows': {'stream_train': {'images_per_sec': train_rate},
                    'stream_eval': {'images_per_sec': eval_rate}}}
@@ -209,7 +209,7 @@ def main() -> None:
   scaled, _ = preprocessing.preprocess(images, images[:1], 'scale', 255.0)
   split = input_pipeline.Split(scaled, labels)
   c = config_lib.sibling_config(str(REPO / 'configs' / 'x'), 'cifar10.py')
-  c.batch_size = args.batch_size
+  c.train.batch_size = args.batch_size
   trainer = train.create_trainer(c, (32, 32, 3), len(labels))
 
   batch_s = time_train_batches(split, args.batch_size, args.num_batches,

@@ -50,11 +50,11 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
   logging.get_absl_logger().addFilter(runtime.QuietLibraries())
   c = config_lib.sibling_config(str(REPO / 'configs' / config_file),
                                 config_file)
-  c.dataset = f'npz:{args.npz}'
+  c.data.dataset = f'npz:{args.npz}'
   if args.epochs is not None:
-    c.num_epochs = args.epochs
+    c.train.num_epochs = args.epochs
   if args.steps is not None:
-    c.num_train_steps = args.steps
+    c.train.num_train_steps = args.steps
   for override in args.set:
     field, _, value = override.partition('=')
     try:
@@ -62,7 +62,8 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
     except (ValueError, SyntaxError):
       pass  # A bare string such as modern.
     c.update_from_flattened_dict({field: value})
-  runtime.configure_cpu((c.batch_size, c.eval_batch_size), c.cpu_devices)
+  runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
+                        c.runtime.cpu_devices)
   workdir = os.path.abspath(args.workdir)  # Orbax needs absolute paths.
   start = time.time()
   try:

@@ -10,7 +10,7 @@
 # command again resumes from the newest checkpoint; a preempted slice gets SIGTERM,
 # saves and exits 0). TFDS data must be prepared in $BUCKET/tensorflow_datasets
 # (see the README's "Preparing TFDS data offline"). Extra arguments after the
-# action go to nin_jax.main, e.g. `train --config.num_epochs=50`.
+# action go to nin_jax.main, e.g. `train --config.train.num_epochs=50`.
 set -euo pipefail
 
 action=${1:-train}
@@ -40,7 +40,7 @@ case "$action" in
   train)
     on_all_workers "cd nin-jax && python -m nin_jax.main --config='$CONFIG' \
         --workdir='$WORKDIR' --distributed=on \
-        --config.data_dir='$BUCKET/tensorflow_datasets' $*"
+        --config.data.data_dir='$BUCKET/tensorflow_datasets' $*"
     ;;
   delete)
     gcloud compute tpus tpu-vm delete "$TPU_NAME" --zone="$ZONE" --quiet

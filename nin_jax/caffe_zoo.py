@@ -198,18 +198,19 @@ def imagenet_spec(mean_file: Optional[str], mean_pixel: Sequence[float],
 
 def cifar10_spec(c: ml_collections.ConfigDict,
                  names: Optional[tuple[str, ...]]) -> input_spec.InputSpec:
-  """GCN + ZCA fitted on the training split of `c.dataset`, RGB."""
-  raw = input_pipeline.load_raw(c)
+  """GCN + ZCA fitted on the training split of `c.data.dataset`, RGB."""
+  raw = input_pipeline.load_raw(c.data)
   spec = models.PRESETS['cifar10']
   shape = (spec.image_size, spec.image_size, spec.channels)
   if raw.x_train.shape[1:] != shape:
     raise DataError(
-        f'{c.dataset}: images of shape {raw.x_train.shape[1:]}; the CIFAR-10 '
-        f'model takes {shape}.')
+        f'{c.data.dataset}: images of shape {raw.x_train.shape[1:]}; the '
+        f'CIFAR-10 model takes {shape}.')
   fitted = preprocessing.fit(raw.x_train, 'gcn_zca', raw.max_value,
-                             c.cache_dir or None)
+                             c.data.cache_dir or None)
   return input_spec.InputSpec(
-      fitted, shape, names or input_pipeline.class_names(c, spec.num_classes))
+      fitted, shape,
+      names or input_pipeline.class_names(c.data, spec.num_classes))
 
 
 def read_class_names(path: Optional[str],
@@ -232,17 +233,17 @@ def zoo_config(zoo: ZooModel, dataset: str, data_dir: str
   """The config.json of an imported model: the preset as the zoo file has
   it (Caffe's init family, no BatchNorm, ReLU on the class maps)."""
   c = config_lib.default_config()
-  c.preset = zoo.preset
-  c.dataset = dataset
-  c.data_dir = data_dir
-  c.preprocessing = 'caffe' if zoo.preset == 'imagenet' else 'gcn_zca'
+  c.model.preset = zoo.preset
+  c.data.dataset = dataset
+  c.data.data_dir = data_dir
+  c.data.preprocessing = 'caffe' if zoo.preset == 'imagenet' else 'gcn_zca'
   if datasets.lookup(dataset).streamed:
-    c.image_size = CAFFE_CROP
+    c.data.image_size = CAFFE_CROP
   c.model.weight_init = 'faithful'
   c.model.batch_norm = False
   c.model.second_pool = zoo.second_pool
-  c.batch_size = zoo.batch_size
-  c.eval_batch_size = zoo.eval_batch_size
+  c.train.batch_size = zoo.batch_size
+  c.train.eval_batch_size = zoo.eval_batch_size
   return c
 
 

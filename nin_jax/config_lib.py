@@ -1,12 +1,18 @@
-"""The default experiment config and its validation.
+"""The experiment config: its layout, defaults and the checks across subtrees.
 
-Every config in `configs/` starts from `default_config()` and changes a few
-fields; `validate_config` checks a config before anything is compiled, loaded
-or written, and names the offending field in its error.
+A config has five subtrees, each read (and validated) by the module that owns
+it: `data` (input_pipeline), `model` (models, conv_select), `optim`
+(optimizer), `train` (train: batch, length, logging, checkpoints) and
+`runtime` (runtime). Every config in `configs/` starts from
+`default_config()` and changes a few fields. `check_fields` checks the
+layout and types, the `check_*` functions below the checks that span
+subtrees; `train.validate_config` runs them all, before anything is compiled,
+loaded or written, and each error names the offending field.
 """
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 import os
@@ -14,98 +20,118 @@ from typing import Any, Optional, Sequence
 
 import ml_collections
 
-from nin_jax import conv_select
 from nin_jax import datasets
 from nin_jax import models
-from nin_jax.errors import ConfigError
+from nin_jax.errors import ConfigError, check as _check
 
-SCHEDULES = ('constant', 'step', 'plateau', 'cosine', 'one_cycle')
-OPTIMIZERS = ('sgd', 'nesterov')
-PREPROCESSING = ('scale', 'standardize', 'gcn_zca', 'lcn', 'none')
-DTYPES = ('float32', 'bfloat16', 'float16')
-# Per-pixel normalizations a streamed dataset can use (applied on device).
-STREAMED_PREPROCESSING = ('standardize', 'scale', 'none')
-MAX_DATA_WORKERS = 1024
+SUBTREES = ('data', 'model', 'optim', 'train', 'runtime')
 
 
 def default_config() -> ml_collections.ConfigDict:
-  """Every hyperparameter nin-jax reads, with its default, named once."""
+  """Every hyperparameter nin-jax reads, with its default, named once.
+
+  The default model trains from any start (He init + BatchNorm); the author's
+  model ('faithful' init, no BatchNorm) is chosen by the configs that
+  reproduce it.
+  """
   c = ml_collections.ConfigDict()
-  c.preset = 'cifar10'            # models.PRESETS key: the architecture.
-  # Data: 'npz:PATH' (Keras layout), 'tfds:NAME' or 'sklearn:digits'.
-  c.dataset = 'tfds:cifar10'
-  c.data_dir = ''                 # TFDS data_dir ('' = TFDS default).
-  c.cache_dir = ''                # ZCA statistics cache ('' = ~/.cache/nin_jax).
-  c.preprocessing = 'scale'       # One of PREPROCESSING.
-  c.validation_split = False      # Hold out the paper's validation set.
-  c.use_extra_split = False       # SVHN: train on train + extra (the paper).
-  c.max_train_examples = 0        # >0: train on the first N examples only.
-  c.augment = False               # Random translation (+ flip) on device.
-  c.translate_pixels = 4
-  c.flip = True                   # Horizontal flip (off for digits).
+  c.data = d = ml_collections.ConfigDict()
+  # 'npz:PATH' (Keras layout), 'tfds:NAME' or 'sklearn:digits'.
+  d.dataset = 'tfds:cifar10'
+  d.data_dir = ''                 # TFDS data_dir ('' = TFDS default).
+  d.cache_dir = ''                # ZCA statistics cache ('' = ~/.cache/nin_jax).
+  d.preprocessing = 'scale'       # One of input_pipeline.PREPROCESSING.
+  d.validation_split = False      # Hold out the paper's validation set.
+  d.use_extra_split = False       # SVHN: train on train + extra (the paper).
+  d.max_train_examples = 0        # >0: train on the first N examples only.
+  d.augment = False               # Random translation (+ flip) on device.
+  d.translate_pixels = 4
+  d.flip = True                   # Horizontal flip (off for digits).
   # Streamed datasets (ImageNet) only: side of the square crops fed to the
   # model (0 = the preset's, 224 for 'imagenet'), and the threads decoding
   # JPEGs (0 = os.cpu_count()).
-  c.image_size = 0
-  c.data_workers = 0
+  d.image_size = 0
+  d.data_workers = 0
 
-  c.model = ml_collections.ConfigDict()
-  c.model.head = 'gap'            # 'gap' (paper) or 'fc' (Table 5 ablation).
-  c.model.dropout_rate = 0.5      # Between mlpconv blocks.
-  c.model.head_dropout_rate = 0.0  # Before the fc head.
+  c.model = m = ml_collections.ConfigDict()
+  m.preset = 'cifar10'            # models.PRESETS key: the architecture.
+  m.head = 'gap'                  # 'gap' (paper) or 'fc' (the head ablation).
+  m.dropout_rate = 0.5            # Between mlpconv blocks.
+  m.head_dropout_rate = 0.0       # Before the fc head.
   # 'modern' (He) with BatchNorm trains from any start; 'faithful' (the
   # author's Gaussian init, no BatchNorm) can stall at ln(classes) for
   # thousands of steps, so only the configs that reproduce it choose it.
-  c.model.weight_init = 'modern'  # Or 'faithful' (models.PRESETS' stds).
-  c.model.batch_norm = True
-  c.model.second_pool = ''        # '' = preset's; 'max' or 'avg'.
-  c.model.final_relu = True       # ReLU on the class maps, as in Caffe.
+  m.weight_init = 'modern'        # Or 'faithful' (models.PRESETS' stds).
+  m.batch_norm = True
+  m.second_pool = ''              # '' = preset's; 'max' or 'avg'.
+  m.final_relu = True             # ReLU on the class maps, as in Caffe.
   # Convolutions: 'auto' (oneDNN on the CPU backend where the `cpu` extra is
   # installed, see nin_jax/conv_select.py; XLA elsewhere), 'xla' or 'onednn'.
-  c.model.conv_impl = 'auto'
-  c.dtype = 'float32'             # Compute dtype; params stay float32.
-  # CPU-only runs: split each batch over at most this many virtual CPU devices
-  # (0 = automatic, up to 8; 1 = off). See README "Speed".
-  c.cpu_devices = 0
+  m.conv_impl = 'auto'
+  m.dtype = 'float32'             # Compute dtype; params stay float32.
 
-  c.batch_size = 128              # Global, over all devices and processes.
-  c.eval_batch_size = 500
-  c.num_epochs = 10.0
-  c.num_train_steps = -1          # -1: derived from num_epochs.
+  c.optim = o = ml_collections.ConfigDict()
+  o.optimizer = 'sgd'             # Or 'nesterov'.
+  o.learning_rate = 0.1
+  o.momentum = 0.9
+  o.weight_decay = 1e-4           # Weights only, never biases (as Caffe).
+  o.bias_lr_mult = 2.0            # Caffe's lr_mult for biases.
+  o.last_layer_lr_mult = 0.1      # Caffe's lr_mult for the class-map layer.
+  o.schedule = 'plateau'          # One of optimizer.SCHEDULES.
+  o.warmup_epochs = 0.0
+  o.lr_boundaries_epochs = ()     # 'step': epochs at which lr *= lr_decay.
+  o.lr_decay = 0.1
+  o.plateau_patience_epochs = 5   # 'plateau': epochs without train-accuracy gain.
+  o.plateau_max_reductions = 2    # The paper divided by 10 twice.
 
-  c.optimizer = 'sgd'
-  c.learning_rate = 0.1
-  c.momentum = 0.9
-  c.weight_decay = 1e-4           # Weights only, never biases (as Caffe).
-  c.bias_lr_mult = 2.0            # Caffe's lr_mult for biases.
-  c.last_layer_lr_mult = 0.1      # Caffe's lr_mult for the class-map layer.
-  c.schedule = 'plateau'
-  c.warmup_epochs = 0.0
-  c.lr_boundaries_epochs = ()     # 'step': epochs at which lr *= lr_decay.
-  c.lr_decay = 0.1
-  c.plateau_patience_epochs = 5   # 'plateau': epochs without train-accuracy gain.
-  c.plateau_max_reductions = 2    # The paper divided by 10 twice.
-
-  c.seed = 0
-  c.log_every_steps = 50
-  c.eval_every_steps = 0          # 0: once per epoch.
-  c.checkpoint_every_steps = 0    # 0: once per epoch.
-  c.keep_checkpoints = 3
-  c.skip_nonfinite_steps = False  # True: skip a NaN/Inf step instead of stopping.
+  c.train = t = ml_collections.ConfigDict()
+  t.batch_size = 128              # Global, over all devices and processes.
+  t.eval_batch_size = 500
+  t.num_epochs = 10.0
+  t.num_train_steps = -1          # -1: derived from num_epochs.
+  t.seed = 0
+  t.log_every_steps = 50
+  t.eval_every_steps = 0          # 0: once per epoch.
+  t.checkpoint_every_steps = 0    # 0: once per epoch.
+  t.keep_checkpoints = 3
+  t.skip_nonfinite_steps = False  # True: skip a NaN/Inf step instead of stopping.
   # >0: a jax.profiler trace of this many steps (after the first, compiling
   # one) into WORKDIR/profile, for TensorBoard or Perfetto.
-  c.profile_steps = 0
+  t.profile_steps = 0
+
+  c.runtime = r = ml_collections.ConfigDict()
+  # CPU-only runs: split each batch over at most this many virtual CPU devices
+  # (0 = automatic, up to 8; 1 = off). See README "Speed".
+  r.cpu_devices = 0
   return c
 
 
+def moved_fields() -> dict[str, str]:
+  """Flat field name -> its dotted name (e.g. 'dataset' -> 'data.dataset'),
+  for every field of a subtree (the flat layout before the subtrees)."""
+  default = default_config()
+  return {leaf: f'{group}.{leaf}' for group in SUBTREES
+          for leaf in default[group].keys()}
+
+
+def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
+  """A config.json written with the flat layout, in today's layout.
+
+  Workdirs written before the subtrees keep loading: their flat fields move
+  to the subtree that now holds them.
+  """
+  saved = copy.deepcopy(saved)
+  moved = moved_fields()
+  for name in [k for k in saved if k not in SUBTREES and k in moved]:
+    group, leaf = moved[name].split('.')
+    saved.setdefault(group, {})[leaf] = saved.pop(name)
+  return saved
+
+
 def streamed_image_size(c: ml_collections.ConfigDict) -> int:
-  """Side of a streamed dataset's square crops: image_size, else the preset's."""
-  return c.image_size or models.PRESETS[c.preset].image_size
-
-
-def _check(ok: bool, field: str, value, expected: str) -> None:
-  if not ok:
-    raise ConfigError(f'config.{field}={value!r}: {expected}.')
+  """Side of a streamed dataset's square crops: data.image_size, else the
+  preset's."""
+  return c.data.image_size or models.PRESETS[c.model.preset].image_size
 
 
 def field_names(config: Any, prefix: str = '', groups: bool = True
@@ -124,12 +150,28 @@ def field_names(config: Any, prefix: str = '', groups: bool = True
 
 def nearest_names(name: str, fields: Sequence[str], n: int = 3) -> list[str]:
   """The fields spelt most like `name` (whole dotted names and last parts)."""
+  moved = moved_fields().get(name)
+  if moved is not None:
+    return [moved]
   close = difflib.get_close_matches(name, fields, n=n, cutoff=0.6)
-  last = name.rsplit('.', 1)[-1]
-  by_last = [f for f in fields
-             if difflib.get_close_matches(last, [f.rsplit('.', 1)[-1]],
-                                          cutoff=0.75)]
-  return list(dict.fromkeys(close + by_last))[:n]
+  by_last_part = {}
+  for field in fields:
+    by_last_part.setdefault(field.rsplit('.', 1)[-1], []).append(field)
+  last = difflib.get_close_matches(name.rsplit('.', 1)[-1], by_last_part,
+                                   n=n, cutoff=0.75)
+  return list(dict.fromkeys(
+      close + [f for part in last for f in by_last_part[part]]))[:n]
+
+
+def moved_message(name: str) -> Optional[str]:
+  """'config.NAME is config.GROUP.NAME ...' for a flat field name (the
+  layout before the subtrees, or a subtree's field given without it)."""
+  moved = moved_fields().get(name)
+  if moved is None:
+    return None
+  return (f'config.{name}: the field is config.{moved} (fields are grouped '
+          f'as {", ".join(SUBTREES)}); write --config.{moved}=... or '
+          f'c.{moved} = ... in a config file.')
 
 
 def _type_name(value) -> str:
@@ -168,6 +210,9 @@ def check_fields(c: ml_collections.ConfigDict,
   for key, value in c.items():
     name = prefix + key
     if key not in default:
+      moved = moved_message(name)
+      if moved is not None:
+        raise ConfigError(moved)
       near = nearest_names(key, list(default.keys()))
       hint = (f'did you mean {", ".join(prefix + n for n in near)}?' if near
               else 'see default_config() in nin_jax/config_lib.py.')
@@ -189,116 +234,14 @@ def check_fields(c: ml_collections.ConfigDict,
                       'config from config_lib.default_config().')
 
 
-def validate_config(c: ml_collections.ConfigDict,
-                    num_devices: Optional[int] = None) -> None:
-  """Raises ConfigError naming the first invalid field of `c`.
-
-  `num_devices`: the global device count the batch is split over.
-  """
-  check_fields(c)
-  _check(c.preset in models.PRESETS, 'preset', c.preset,
-         f'must be one of {sorted(models.PRESETS)}')
-  datasets.lookup(c.dataset)
-  _check(c.preprocessing in PREPROCESSING, 'preprocessing', c.preprocessing,
-         f'must be one of {PREPROCESSING}')
-  _check(c.model.head in models.HEADS, 'model.head', c.model.head,
-         f'must be one of {models.HEADS}')
-  _check(c.model.weight_init in models.INITS, 'model.weight_init',
-         c.model.weight_init, f'must be one of {models.INITS}')
-  _check(c.model.second_pool in ('', 'max', 'avg'), 'model.second_pool',
-         c.model.second_pool, "must be '', 'max' or 'avg'")
-  _check(c.model.get('conv_impl', 'xla') in conv_select.IMPLS,
-         'model.conv_impl', c.model.get('conv_impl'),
-         f'must be one of {conv_select.IMPLS}')
-  for field in ('dropout_rate', 'head_dropout_rate'):
-    rate = c.model[field]
-    _check(0.0 <= rate < 1.0, f'model.{field}', rate, 'must be in [0, 1)')
-  _check(c.dtype in DTYPES, 'dtype', c.dtype, f'must be one of {DTYPES}')
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps',
-                'keep_checkpoints'):
-    _check(isinstance(c[field], int) and c[field] > 0, field, c[field],
-           'must be a positive integer')
-  for field in ('eval_every_steps', 'checkpoint_every_steps', 'cpu_devices',
-                'max_train_examples', 'profile_steps'):
-    _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
-           'must be a non-negative integer (0 = default)')
-  _check(c.learning_rate > 0 and math.isfinite(c.learning_rate),
-         'learning_rate', c.learning_rate, 'must be a positive number')
-  _check(c.weight_decay >= 0, 'weight_decay', c.weight_decay,
-         'must be >= 0')
-  _check(0 <= c.momentum < 1, 'momentum', c.momentum, 'must be in [0, 1)')
-  for field in ('bias_lr_mult', 'last_layer_lr_mult'):
-    _check(c[field] >= 0, field, c[field], 'must be >= 0')
-  _check(c.optimizer in OPTIMIZERS, 'optimizer', c.optimizer,
-         f'must be one of {OPTIMIZERS}')
-  _check(c.schedule in SCHEDULES, 'schedule', c.schedule,
-         f'must be one of {SCHEDULES}')
-  _check(0 < c.lr_decay <= 1, 'lr_decay', c.lr_decay, 'must be in (0, 1]')
-  _check(c.warmup_epochs >= 0, 'warmup_epochs', c.warmup_epochs,
-         'must be >= 0')
-  _check(all(b > 0 for b in c.lr_boundaries_epochs), 'lr_boundaries_epochs',
-         c.lr_boundaries_epochs, 'must be positive epochs')
-  _check(c.plateau_patience_epochs > 0, 'plateau_patience_epochs',
-         c.plateau_patience_epochs, 'must be positive')
-  _check(c.plateau_max_reductions >= 0, 'plateau_max_reductions',
-         c.plateau_max_reductions, 'must be >= 0')
-  if c.num_train_steps == -1:
-    _check(c.num_epochs > 0, 'num_epochs', c.num_epochs,
-           'must be positive (or set num_train_steps)')
-  else:
-    _check(isinstance(c.num_train_steps, int) and c.num_train_steps > 0,
-           'num_train_steps', c.num_train_steps,
-           'must be a positive integer, or -1 to use num_epochs')
-  _check(c.translate_pixels >= 0, 'translate_pixels', c.translate_pixels,
-         'must be >= 0')
-  _check(0 <= c.seed < 2**31, 'seed', c.seed, 'must be in [0, 2**31)')
-  _check_streamed(c)
-  if num_devices is not None:
-    for field in ('batch_size', 'eval_batch_size'):
-      _check(c[field] % num_devices == 0, field, c[field],
-             f'must be divisible by the {num_devices} devices (e.g. '
-             f'{max(1, c[field] // num_devices) * num_devices})')
-
-
-def _check_streamed(c: ml_collections.ConfigDict) -> None:
-  """The fields that only streamed datasets use, or that they cannot honour."""
-  for field in ('image_size', 'data_workers'):
-    _check(isinstance(c[field], int) and c[field] >= 0, field, c[field],
-           'must be a non-negative integer (0 = default)')
-  _check(c.data_workers <= MAX_DATA_WORKERS, 'data_workers', c.data_workers,
-         f'must be at most {MAX_DATA_WORKERS} threads (0 = one per core)')
-  if not datasets.lookup(c.dataset).streamed:
-    _check(c.image_size == 0, 'image_size', c.image_size,
-           f'only streamed datasets '
-           f'({["tfds:" + n for n in datasets.STREAMED_TFDS]}) '
-           f'are cropped to a size; {c.dataset} keeps its own, so set it to 0')
-    return
-  _check(c.preprocessing in STREAMED_PREPROCESSING, 'preprocessing',
-         c.preprocessing,
-         f'{c.dataset} is streamed and normalized pixel by pixel on device, '
-         f'so it needs one of {STREAMED_PREPROCESSING} (standardize: the '
-         f'fixed ImageNet mean and std); {c.preprocessing} needs statistics '
-         f'of the whole decoded training set')
-  _check(not c.validation_split, 'validation_split', c.validation_split,
-         f"{c.dataset} already evaluates on its held-out 'validation' split "
-         f'(its test labels are not public); set it to False')
-
-
-def check_conv_impl(c: ml_collections.ConfigDict, backend: str) -> None:
-  """Raises ConfigError if config.model.conv_impl='onednn' cannot be honoured
-  on `backend` (jax.default_backend()), before anything is compiled."""
-  if c.model.conv_impl != 'onednn':
-    return
-  fix = ("use config.model.conv_impl='auto' (oneDNN where it works, XLA "
-         "elsewhere) or 'xla'")
-  if backend != 'cpu':
-    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
-                      f'run on the CPU backend only and this run is on '
-                      f'{backend}; {fix}.')
-  reason = conv_select.onednn_unavailable_reason()
-  if reason is not None:
-    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
-                      f'are unavailable: {reason.splitlines()[0]}; {fix}.')
+def check_devices(c: ml_collections.ConfigDict, num_devices: int) -> None:
+  """Raises ConfigError unless both batch sizes split evenly over the
+  `num_devices` (global) devices."""
+  for field in ('batch_size', 'eval_batch_size'):
+    value = c.train[field]
+    _check(value % num_devices == 0, f'train.{field}', value,
+           f'must be divisible by the {num_devices} devices (e.g. '
+           f'{max(1, value // num_devices) * num_devices})')
 
 
 def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
@@ -306,18 +249,20 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
   """Raises ConfigError if the preset cannot pool an input of this size down,
   or the translation would shift it out of the frame."""
   del channels
-  streamed = datasets.lookup(c.dataset).streamed
-  if c.augment and not streamed:
-    _check(c.translate_pixels < min(height, width), 'translate_pixels',
-           c.translate_pixels,
+  streamed = datasets.lookup(c.data.dataset).streamed
+  if c.data.augment and not streamed:
+    _check(c.data.translate_pixels < min(height, width),
+           'data.translate_pixels',
+           c.data.translate_pixels,
            f'must be smaller than the {height}x{width} images it shifts')
-  blocks = models.PRESETS[c.preset].blocks
+  blocks = models.PRESETS[c.model.preset].blocks
   for size in (height, width):
     if models.output_size(blocks, size) < 1:
-      fix = ('raise config.image_size' if streamed else
+      fix = ('raise config.data.image_size' if streamed else
              'pick a preset made for this dataset')
       raise ConfigError(
-          f'config.preset={c.preset!r} cannot take {height}x{width} images '
+          f'config.model.preset={c.model.preset!r} cannot take '
+          f'{height}x{width} images '
           f'(its convolutions and pools need at least '
           f'{_min_input_size(blocks)} pixels); {fix}.')
 
@@ -325,16 +270,17 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
 def check_batch_size(c: ml_collections.ConfigDict,
                      num_train_examples: int) -> None:
   """Raises ConfigError if a training batch is larger than the training set."""
-  _check(c.batch_size <= num_train_examples, 'batch_size', c.batch_size,
+  _check(c.train.batch_size <= num_train_examples, 'train.batch_size',
+         c.train.batch_size,
          f'is larger than the {num_train_examples} training examples of '
-         f'{c.dataset}; use at most {num_train_examples}')
+         f'{c.data.dataset}; use at most {num_train_examples}')
 
 
 def check_schedule_length(c: ml_collections.ConfigDict,
                           steps_per_epoch: int) -> None:
   """Raises ConfigError if the warm-up is longer than a step count can be."""
-  steps = c.warmup_epochs * steps_per_epoch
-  _check(steps < 2**31, 'warmup_epochs', c.warmup_epochs,
+  steps = c.optim.warmup_epochs * steps_per_epoch
+  _check(steps < 2**31, 'optim.warmup_epochs', c.optim.warmup_epochs,
          f'is {steps:.3g} steps ({steps_per_epoch} per epoch), more than '
          'the 2**31 a step counter holds')
 

@@ -8,7 +8,7 @@ The one place that may import a convolution plugin, and only lazily, so
   convolution wherever it cannot run oneDNN (other backends, strided layers,
   float16, bfloat16 on CPUs without it, meshes with Explicit axes).
 - 'onednn': the plugin's module, raising `OneDnnUnavailable` if it cannot
-  load (`config_lib.check_conv_impl` says so before a run starts).
+  load (`check_config` says so before a run starts).
 """
 
 from __future__ import annotations
@@ -18,8 +18,28 @@ from typing import Any, Optional
 from absl import logging
 
 from nin_jax import models
+from nin_jax.errors import ConfigError, check
 
 IMPLS = ('auto', 'xla', 'onednn')
+
+
+def check_config(impl: str, backend: Optional[str] = None) -> None:
+  """Raises ConfigError if config.model.conv_impl=`impl` is unknown, or is
+  'onednn' and cannot be honoured on `backend` (jax.default_backend(); None:
+  not known yet), before anything is compiled."""
+  check(impl in IMPLS, 'model.conv_impl', impl, f'must be one of {IMPLS}')
+  if impl != 'onednn' or backend is None:
+    return
+  fix = ("use config.model.conv_impl='auto' (oneDNN where it works, XLA "
+         "elsewhere) or 'xla'")
+  if backend != 'cpu':
+    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
+                      f'run on the CPU backend only and this run is on '
+                      f'{backend}; {fix}.')
+  reason = onednn_unavailable_reason()
+  if reason is not None:
+    raise ConfigError(f"config.model.conv_impl='onednn': the oneDNN kernels "
+                      f'are unavailable: {reason.splitlines()[0]}; {fix}.')
 
 
 def _onednn():

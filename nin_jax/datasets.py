@@ -1,6 +1,6 @@
 """The dataset registry: what nin-jax knows about each dataset, in one place.
 
-A `config.dataset` string names a source and a dataset:
+A `config.data.dataset` string names a source and a dataset:
 - 'sklearn:digits': scikit-learn's 1,797 8x8 digits (embedded, no download).
 - 'npz:PATH': a Keras-layout .npz (x_train, y_train, x_test, y_test). A file
   named after a registered dataset ('mnist.npz', 'cifar10.npz') gets that
@@ -92,12 +92,12 @@ def tfds_base_name(name: str) -> str:
 
 
 def _usage(dataset: str) -> str:
-  return (f"config.dataset={dataset!r}: expected 'npz:PATH', 'tfds:NAME' "
+  return (f"config.data.dataset={dataset!r}: expected 'npz:PATH', 'tfds:NAME' "
           f"(NAME in {TFDS_DATASETS}) or 'sklearn:digits'.")
 
 
 def lookup(dataset: str) -> DatasetSpec:
-  """The spec of a `config.dataset` string; ConfigError naming it if unknown."""
+  """The spec of a `config.data.dataset` string; ConfigError naming it if unknown."""
   if not isinstance(dataset, str):
     raise ConfigError(_usage(str(dataset)))
   source, sep, name = dataset.partition(':')
@@ -105,13 +105,13 @@ def lookup(dataset: str) -> DatasetSpec:
     raise ConfigError(_usage(dataset))
   if source == 'sklearn':
     if name not in SKLEARN_DATASETS:
-      raise ConfigError(f'config.dataset={dataset!r}: the embedded datasets '
+      raise ConfigError(f'config.data.dataset={dataset!r}: the embedded datasets '
                         f'are {["sklearn:" + n for n in SKLEARN_DATASETS]}.')
     key = name
   elif source == 'tfds':
     key = tfds_base_name(name)
     if key not in TFDS_DATASETS:
-      raise ConfigError(f'config.dataset={dataset!r}: supported TFDS datasets '
+      raise ConfigError(f'config.data.dataset={dataset!r}: supported TFDS datasets '
                         f'are {TFDS_DATASETS}.')
   else:
     stem = os.path.splitext(os.path.basename(name))[0].lower()

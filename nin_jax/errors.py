@@ -12,3 +12,21 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
   """A dataset file or directory cannot be used; the message says why and how."""
+
+
+def check(ok: bool, field: str, value: object, expected: str) -> None:
+  """Raises ConfigError 'config.FIELD=VALUE: EXPECTED.' unless `ok`; `field`
+  is the dotted name (e.g. 'train.batch_size')."""
+  if not ok:
+    raise ConfigError(f'config.{field}={value!r}: {expected}.')
+
+
+def check_count(value: object, field: str, zero_means: str = '') -> None:
+  """Raises ConfigError unless `value` is a positive integer (or, given
+  `zero_means`, a non-negative one, 0 meaning that)."""
+  if zero_means:
+    check(isinstance(value, int) and value >= 0, field, value,
+          f'must be a non-negative integer (0 = {zero_means})')
+  else:
+    check(isinstance(value, int) and value > 0, field, value,
+          'must be a positive integer')

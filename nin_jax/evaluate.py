@@ -5,7 +5,7 @@ r"""Evaluates a workdir's checkpoint: `python -m nin_jax.evaluate --workdir=W`.
 Restores the newest (or the given) checkpoint onto the devices present and
 evaluates it as the training run does (inference.evaluate) on the run's
 evaluation split or `--split` ('test', 'validation' for a run with
-config.validation_split, 'train'); prints one JSON line: loss, accuracy,
+config.data.validation_split, 'train'); prints one JSON line: loss, accuracy,
 top5_accuracy (more than 5 classes), error, examples, step. `--dataset` and
 `--data_dir` say where the data is now, if it moved.
 """
@@ -25,9 +25,9 @@ flags.DEFINE_string('workdir', None, 'A training (or caffe_import) workdir.')
 flags.DEFINE_integer('step', None, 'Checkpoint step (default: the newest).')
 flags.DEFINE_enum('split', '', ('',) + input_pipeline.SPLITS,
                   "Split to evaluate ('': the one the run evaluated).")
-flags.DEFINE_string('dataset', None, 'Overrides config.dataset (npz:PATH, '
+flags.DEFINE_string('dataset', None, 'Overrides config.data.dataset (npz:PATH, '
                     'tfds:NAME).')
-flags.DEFINE_string('data_dir', None, 'Overrides config.data_dir (TFDS).')
+flags.DEFINE_string('data_dir', None, 'Overrides config.data.data_dir (TFDS).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -38,7 +38,8 @@ def main(argv):
   with cli.user_errors():
     c = inference.read_config(FLAGS.workdir)
     # Before JAX starts: the training run's split over virtual CPU devices.
-    runtime.configure_cpu((c.batch_size, c.eval_batch_size), c.cpu_devices)
+    runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
+                          c.runtime.cpu_devices)
     result = inference.evaluate(FLAGS.workdir, FLAGS.step, FLAGS.split,
                                 **overrides)
   print(json.dumps(result))

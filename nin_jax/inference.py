@@ -57,7 +57,8 @@ class TrainedModel:
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json over the defaults (fields added since keep theirs)."""
+  """WORKDIR/config.json over the defaults (fields added since keep theirs;
+  a flat config.json of the layout before the subtrees is upgraded)."""
   cloud_storage.check_workdir(workdir, write=False)
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
@@ -65,7 +66,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                        f'nin-jax workdir (python -m nin_jax.main or '
                        f'nin_jax.caffe_import write one).')
   c = config_lib.default_config()
-  c.update(json.loads(path.read_text()))
+  c.update(config_lib.upgrade(json.loads(path.read_text())))
   return c
 
 
@@ -106,7 +107,7 @@ def load(workdir: str, step: Optional[int] = None) -> TrainedModel:
   c = read_config(workdir)
   spec = input_spec.load(workdir)
   step, variables = read_variables(workdir, step)
-  return TrainedModel(c, spec, train.build_model(c), variables, step)
+  return TrainedModel(c, spec, train.build_model(c.model), variables, step)
 
 
 def probabilities_fn(trained: TrainedModel, conv_impl: str = 'xla'
@@ -154,17 +155,17 @@ def eval_split(c: ml_collections.ConfigDict, spec: input_spec.InputSpec,
   """(split, device normalization or None) to evaluate: in-memory splits are
   normalized on the host with the saved statistics, streamed ones on device
   and cropped as the spec says."""
-  if not datasets.lookup(c.dataset).streamed:
-    split = split or ('validation' if c.validation_split else 'test')
-    return input_pipeline.load_split(c, split, spec.fitted,
+  if not datasets.lookup(c.data.dataset).streamed:
+    split = split or ('validation' if c.data.validation_split else 'test')
+    return input_pipeline.load_split(c.data, split, spec.fitted,
                                      spec.num_classes), None
-  dataset = input_pipeline.load_streamed(c, spec.num_classes,
+  dataset = input_pipeline.load_streamed(c.data, spec.num_classes,
                                          spec.image_shape[0])
   streams = {dataset.eval_name: dataset.eval,
              'train': dataset.train}
   if (split or dataset.eval_name) not in streams:
     raise input_pipeline.DataError(
-        f'{c.dataset} has splits {sorted(streams)} to evaluate, not '
+        f'{c.data.dataset} has splits {sorted(streams)} to evaluate, not '
         f'{split!r}.')
   stream = dataclasses.replace(
       streams[split or dataset.eval_name], augment=False,
@@ -173,15 +174,15 @@ def eval_split(c: ml_collections.ConfigDict, spec: input_spec.InputSpec,
 
 
 def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
-             **config_overrides: Any) -> dict[str, Any]:
+             **data_overrides: Any) -> dict[str, Any]:
   """Metrics of `workdir`'s checkpoint (newest, or `step`) on `split` (''
   the run's evaluation split), as the training run computes them: the same
   compiled eval step and batches, the saved statistics; and 'step'.
-  `config_overrides` replace config fields (dataset, data_dir). One process,
+  `data_overrides` replace config.data fields (dataset, data_dir). One process,
   on all of its devices."""
   trained = load(workdir, step)
   c = trained.config
-  c.update(config_overrides)
+  c.data.update(data_overrides)
   data, normalize_fn = eval_split(c, trained.spec, split)
   mesh = train.create_mesh()
   replicated = NamedSharding(mesh, P())
@@ -192,7 +193,7 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
       batch_stats=trained.variables['batch_stats'], opt_state=None,
       rng=None), replicated)
   devices = mesh.devices.size
-  batch_size = math.ceil(c.eval_batch_size / devices) * devices
+  batch_size = math.ceil(c.train.eval_batch_size / devices) * devices
   metrics = train.evaluate(eval_fn, state, input_pipeline.eval_batches(
       data, batch_size, NamedSharding(mesh, P(train.DATA_AXIS))))
   return {**metrics, 'step': trained.step}

@@ -6,8 +6,8 @@ is streamed) comes from the registry (datasets.py); readers.py, tfds_source.py
 and streaming.py read the files. This module only splits, normalizes and
 batches what they return.
 
-`config.validation_split` holds out the paper's validation set
-(`validation_holdout`); `config.use_extra_split` adds SVHN's 'extra' split.
+`config.data.validation_split` holds out the paper's validation set
+(`validation_holdout`); `config.data.use_extra_split` adds SVHN's 'extra' split.
 
 Every split but ImageNet's fits in host memory (`Split`); ImageNet is decoded
 batch by batch (`streaming.StreamSplit`, the same interface). The training
@@ -44,9 +44,49 @@ from nin_jax import readers
 from nin_jax import streaming
 from nin_jax import tfds_source
 from nin_jax.errors import DataError  # pylint: disable=unused-import
+from nin_jax.errors import check, check_count
 
 PREFETCH_BATCHES = 2
 Batch = dict[str, np.ndarray]
+PREPROCESSING = ('scale', 'standardize', 'gcn_zca', 'lcn', 'none')
+# Per-pixel normalizations a streamed dataset can use (applied on device).
+STREAMED_PREPROCESSING = ('standardize', 'scale', 'none')
+MAX_DATA_WORKERS = 1024
+
+
+def validate_config(data: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of config.data."""
+  spec = datasets.lookup(data.dataset)
+  check(data.preprocessing in PREPROCESSING, 'data.preprocessing',
+        data.preprocessing, f'must be one of {PREPROCESSING}')
+  check_count(data.max_train_examples, 'data.max_train_examples', 'all')
+  check(data.translate_pixels >= 0, 'data.translate_pixels',
+        data.translate_pixels, 'must be >= 0')
+  check_count(data.image_size, 'data.image_size', "the preset's")
+  check_count(data.data_workers, 'data.data_workers', 'one per core')
+  check(data.data_workers <= MAX_DATA_WORKERS, 'data.data_workers',
+        data.data_workers,
+        f'must be at most {MAX_DATA_WORKERS} threads (0 = one per core)')
+  if data.use_extra_split:
+    check(bool(spec.extra_splits), 'data.use_extra_split', True,
+          f'{data.dataset} has no extra split; set it to False')
+  if not spec.streamed:
+    check(data.image_size == 0, 'data.image_size', data.image_size,
+          f'only streamed datasets '
+          f'({["tfds:" + n for n in datasets.STREAMED_TFDS]}) '
+          f'are cropped to a size; {data.dataset} keeps its own, so set it '
+          'to 0')
+    return
+  check(data.preprocessing in STREAMED_PREPROCESSING, 'data.preprocessing',
+        data.preprocessing,
+        f'{data.dataset} is streamed and normalized pixel by pixel on device, '
+        f'so it needs one of {STREAMED_PREPROCESSING} (standardize: the '
+        f'fixed ImageNet mean and std); {data.preprocessing} needs statistics '
+        f'of the whole decoded training set')
+  check(not data.validation_split, 'data.validation_split',
+        data.validation_split,
+        f"{data.dataset} already evaluates on its held-out 'validation' split "
+        f'(its test labels are not public); set it to False')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,7 +148,7 @@ class Dataset:
 class RawData:
   """Unprocessed splits: images [n, height, width, channels], labels [n] int32.
 
-  `x_extra`/`y_extra`: SVHN's 'extra' split when config.use_extra_split.
+  `x_extra`/`y_extra`: SVHN's 'extra' split when config.data.use_extra_split.
   `max_value`: the largest pixel value (255 for uint8, 16 for sklearn digits).
   """
   x_train: np.ndarray
@@ -136,20 +176,20 @@ def _check_label_range(source: str, key: str, y: np.ndarray,
                     f'must be in [0, {num_classes - 1}].')
 
 
-def load_raw(c: ml_collections.ConfigDict) -> RawData:
-  """The unprocessed splits of `c.dataset`."""
-  spec = datasets.lookup(c.dataset)
-  if c.use_extra_split and not spec.extra_splits:
-    raise DataError(f'config.use_extra_split=True but {c.dataset} has no '
-                    f"extra split; only 'tfds:svhn_cropped' has one. Set it "
-                    f'to False.')
+def load_raw(data: ml_collections.ConfigDict) -> RawData:
+  """The unprocessed splits of `data.dataset`."""
+  spec = datasets.lookup(data.dataset)
+  if data.use_extra_split and not spec.extra_splits:
+    raise DataError(f'config.data.use_extra_split=True but {data.dataset} '
+                    f"has no extra split; only 'tfds:svhn_cropped' has one. "
+                    f'Set it to False.')
   if spec.source == 'sklearn':
     return RawData(*readers.load_digits(), max_value=spec.max_value)
   if spec.source == 'npz':
     return RawData(*readers.load_npz(os.path.expanduser(spec.name)),
                    max_value=spec.max_value)
-  splits = tfds_source.load_arrays(spec.name, c.data_dir or None,
-                                   with_extra=c.use_extra_split)
+  splits = tfds_source.load_arrays(spec.name, data.data_dir or None,
+                                   with_extra=data.use_extra_split)
   extra = splits.get('extra')
   return RawData(splits['train'].images, splits['train'].labels,
                  splits['test'].images, splits['test'].labels,
@@ -160,7 +200,7 @@ def load_raw(c: ml_collections.ConfigDict) -> RawData:
 
 CIFAR_VALIDATION_SIZE = 10_000
 SVHN_VALIDATION_PER_CLASS = {'train': 400, 'extra': 200}
-VALIDATION_SEED = 0  # Fixed: the held-out set never depends on config.seed.
+VALIDATION_SEED = 0  # Fixed: the held-out set never depends on config.train.seed.
 
 
 def _per_class_holdout(y: np.ndarray, per_class: int,
@@ -197,7 +237,7 @@ def validation_holdout(raw: RawData, dataset: str
   n_val = CIFAR_VALIDATION_SIZE if n >= 40_000 else max(1, n // 6)
   if n_val >= n:
     raise DataError(f'{dataset}: {n} training images are too few to hold out '
-                    f'a validation set; set config.validation_split=False.')
+                    f'a validation set; set config.data.validation_split=False.')
   return (raw.x_train[:-n_val], raw.y_train[:-n_val], raw.x_train[-n_val:],
           raw.y_train[-n_val:])
 
@@ -210,112 +250,112 @@ def _concat(parts: list[tuple[np.ndarray, np.ndarray]]
           np.concatenate([y for _, y in parts]))
 
 
-def split_raw(c: ml_collections.ConfigDict, raw: RawData
+def split_raw(data: ml_collections.ConfigDict, raw: RawData
               ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, str]:
   """(x_train, y_train, x_eval, y_eval, eval name) of the run: the held-out
   validation set or the test set, extra and max_train_examples applied."""
   eval_name = 'test'
-  if c.validation_split:
-    x_train, y_train, x_eval, y_eval = validation_holdout(raw, c.dataset)
+  if data.validation_split:
+    x_train, y_train, x_eval, y_eval = validation_holdout(raw, data.dataset)
     eval_name = 'validation'
   else:
     parts = [(raw.x_train, raw.y_train)]
     if raw.x_extra is not None:
       parts.append((raw.x_extra, raw.y_extra))
     (x_train, y_train), x_eval, y_eval = _concat(parts), raw.x_test, raw.y_test
-  if c.max_train_examples:
-    x_train = x_train[:c.max_train_examples]
-    y_train = y_train[:c.max_train_examples]
+  if data.max_train_examples:
+    x_train = x_train[:data.max_train_examples]
+    y_train = y_train[:data.max_train_examples]
   return x_train, y_train, x_eval, y_eval, eval_name
 
 
-def load_dataset(c: ml_collections.ConfigDict, num_classes: int,
+def load_dataset(data: ml_collections.ConfigDict, num_classes: int,
                  streamed_size: int = 0) -> Dataset:
-  """Loads, splits and preprocesses `c.dataset` on the host. A streamed
+  """Loads, splits and preprocesses `data.dataset` on the host. A streamed
   dataset is only opened: its batches are decoded as they are needed, cropped
   to squares of `streamed_size` (config_lib.streamed_image_size), by default
-  config.image_size."""
-  if datasets.lookup(c.dataset).streamed:
-    size = streamed_size or c.image_size
+  config.data.image_size."""
+  if datasets.lookup(data.dataset).streamed:
+    size = streamed_size or data.image_size
     if size <= 0:
-      raise ValueError(f'{c.dataset} is streamed: give the side of its crops')
-    return load_streamed(c, num_classes, size)
-  raw = load_raw(c)
-  check_labels(raw, num_classes, c.dataset)
-  x_train, y_train, x_test, y_test, eval_name = split_raw(c, raw)
+      raise ValueError(f'{data.dataset} is streamed: give the side of its crops')
+    return load_streamed(data, num_classes, size)
+  raw = load_raw(data)
+  check_labels(raw, num_classes, data.dataset)
+  x_train, y_train, x_test, y_test, eval_name = split_raw(data, raw)
   max_value = raw.max_value
   del raw
-  fitted = preprocessing.fit(x_train, c.preprocessing, max_value,
-                             c.cache_dir or None)
+  fitted = preprocessing.fit(x_train, data.preprocessing, max_value,
+                             data.cache_dir or None)
   train = preprocessing.apply(fitted, x_train)
   test = preprocessing.apply(fitted, x_test)
-  logging.info('Dataset %s: %d train, %d %s images of shape %s', c.dataset,
+  logging.info('Dataset %s: %d train, %d %s images of shape %s', data.dataset,
                len(y_train), len(y_test), eval_name, train.shape[1:])
-  return Dataset(c.dataset, Split(train, y_train), Split(test, y_test),
+  return Dataset(data.dataset, Split(train, y_train), Split(test, y_test),
                  num_classes, eval_name, fitted)
 
 
-def load_streamed(c: ml_collections.ConfigDict, num_classes: int,
+def load_streamed(data: ml_collections.ConfigDict, num_classes: int,
                   image_size: int) -> Dataset:
-  """The streamed train and evaluation splits of `c.dataset`, nothing decoded
+  """The streamed train and evaluation splits of `data.dataset`, nothing decoded
   yet, cropped to `image_size` squares."""
-  spec = datasets.lookup(c.dataset)
+  spec = datasets.lookup(data.dataset)
   train, evaluation, eval_name = streaming.open_splits(
-      spec, c.data_dir or None, num_classes, image_size, bool(c.augment),
-      flip_allowed(c), c.data_workers or os.cpu_count() or 1,
-      c.max_train_examples)
-  return Dataset(c.dataset, train, evaluation, num_classes, eval_name,
-                 streamed_fitted(c))
+      spec, data.data_dir or None, num_classes, image_size, bool(data.augment),
+      flip_allowed(data), data.data_workers or os.cpu_count() or 1,
+      data.max_train_examples)
+  return Dataset(data.dataset, train, evaluation, num_classes, eval_name,
+                 streamed_fitted(data))
 
 
 SPLITS = ('test', 'validation', 'train')
 
 
-def load_raw_test(c: ml_collections.ConfigDict
+def load_raw_test(data: ml_collections.ConfigDict
                   ) -> tuple[np.ndarray, np.ndarray, float]:
-  """The unprocessed test split of `c.dataset` alone, no training data read:
+  """The unprocessed test split of `data.dataset` alone, no training data read:
   images [n, h, w, c], labels [n] int32 and the largest pixel value."""
-  spec = datasets.lookup(c.dataset)
+  spec = datasets.lookup(data.dataset)
   if spec.source == 'sklearn':
     _, _, x_test, y_test = readers.load_digits()
     return x_test, y_test, spec.max_value
   if spec.source == 'npz':
     return (*readers.load_npz_split(os.path.expanduser(spec.name), 'test'),
             spec.max_value)
-  test = tfds_source.load_arrays(spec.name, c.data_dir or None,
+  test = tfds_source.load_arrays(spec.name, data.data_dir or None,
                                  splits=('test',))['test']
   return test.images, test.labels, spec.max_value
 
 
-def load_split(c: ml_collections.ConfigDict, split: str,
+def load_split(data: ml_collections.ConfigDict, split: str,
                fitted: preprocessing.Fitted, num_classes: int) -> Split:
-  """One split of an in-memory `c.dataset`, normalized with `fitted` (never
+  """One split of an in-memory `data.dataset`, normalized with `fitted` (never
   refitted): 'test' (only the test arrays are read), 'validation' (the
-  held-out set of a config.validation_split run) or 'train' (the examples
+  held-out set of a config.data.validation_split run) or 'train' (the examples
   the run trained on)."""
   if split not in SPLITS:
     raise DataError(f'split {split!r}: expected one of {SPLITS}.')
-  if split == 'validation' and not c.validation_split:
-    raise DataError(f'{c.dataset}: this run trained on the whole training '
-                    f"set (config.validation_split=False), so it held out no "
+  if split == 'validation' and not data.validation_split:
+    raise DataError(f'{data.dataset}: this run trained on the whole training '
+                    f"set (config.data.validation_split=False), so it held out no "
                     f"'validation' split; use 'test'.")
   if split == 'test':
-    x, y, _ = load_raw_test(c)
+    x, y, _ = load_raw_test(data)
   else:
-    raw = load_raw(c)
-    x_train, y_train, x_eval, y_eval, _ = split_raw(c, raw)
+    raw = load_raw(data)
+    x_train, y_train, x_eval, y_eval, _ = split_raw(data, raw)
     x, y = (x_train, y_train) if split == 'train' else (x_eval, y_eval)
-  _check_label_range(c.dataset, split, y, num_classes)
+  _check_label_range(data.dataset, split, y, num_classes)
   return Split(preprocessing.apply(fitted, x), y)
 
 
-def class_names(c: ml_collections.ConfigDict,
+def class_names(data: ml_collections.ConfigDict,
                 num_classes: int) -> tuple[str, ...]:
   """The names of the classes: TFDS's label names, the registry's (CIFAR-10's
   for a TFDS or npz copy of it), else the class numbers."""
-  spec = datasets.lookup(c.dataset)
+  spec = datasets.lookup(data.dataset)
   if spec.source == 'tfds':
-    names = tfds_source.label_names(spec.name, c.data_dir or None)
+    names = tfds_source.label_names(spec.name, data.data_dir or None)
     if len(names) == num_classes:
       return names
   if len(spec.class_names) == num_classes:
@@ -536,37 +576,37 @@ def augment(images: jax.Array, key: jax.Array, translate: int,
   return jax.vmap(one)(images, keys)
 
 
-def flip_allowed(c: ml_collections.ConfigDict) -> bool:
-  """config.flip, unless the registry says a flip changes the class (digits)."""
-  return bool(c.flip) and datasets.lookup(c.dataset).flip
+def flip_allowed(data: ml_collections.ConfigDict) -> bool:
+  """config.data.flip, unless the registry says a flip changes the class (digits)."""
+  return bool(data.flip) and datasets.lookup(data.dataset).flip
 
 
-def device_augment_fn(c: ml_collections.ConfigDict
+def device_augment_fn(data: ml_collections.ConfigDict
                       ) -> Optional[Callable[[jax.Array, jax.Array],
                                              jax.Array]]:
-  """`augment` as the train step applies it, or None: config.augment is off,
+  """`augment` as the train step applies it, or None: config.data.augment is off,
   or the dataset is streamed (its host crops and flips while decoding)."""
-  if not c.augment or datasets.lookup(c.dataset).streamed:
+  if not data.augment or datasets.lookup(data.dataset).streamed:
     return None
-  return functools.partial(augment, translate=c.translate_pixels,
-                           flip=flip_allowed(c))
+  return functools.partial(augment, translate=data.translate_pixels,
+                           flip=flip_allowed(data))
 
 
-def device_normalize_fn(c: ml_collections.ConfigDict
+def device_normalize_fn(data: ml_collections.ConfigDict
                         ) -> Optional[Callable[[jax.Array], jax.Array]]:
   """For a streamed dataset (uint8 batches) the normalization of
-  config.preprocessing, run on device first in both steps; None otherwise
+  config.data.preprocessing, run on device first in both steps; None otherwise
   (in-memory splits are normalized on the host once)."""
-  if not datasets.lookup(c.dataset).streamed:
+  if not datasets.lookup(data.dataset).streamed:
     return None
-  return preprocessing.normalizer(streamed_fitted(c))
+  return preprocessing.normalizer(streamed_fitted(data))
 
 
-def streamed_fitted(c: ml_collections.ConfigDict) -> preprocessing.Fitted:
-  """What a streamed dataset's config.preprocessing stands for: 'standardize'
+def streamed_fitted(data: ml_collections.ConfigDict) -> preprocessing.Fitted:
+  """What a streamed dataset's config.data.preprocessing stands for: 'standardize'
   with the registry's fixed mean and std, or pixels scaled to [0, 1]."""
-  spec = datasets.lookup(c.dataset)
-  if c.preprocessing == 'standardize':
+  spec = datasets.lookup(data.dataset)
+  if data.preprocessing == 'standardize':
     return preprocessing.Fitted(
         'standardize', spec.max_value,
         {'mean': np.asarray(spec.mean), 'std': np.asarray(spec.std)})

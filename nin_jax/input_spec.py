@@ -57,14 +57,16 @@ class InputSpec:
     return len(self.class_names)
 
 
-def from_dataset(c: ml_collections.ConfigDict,
+def from_dataset(data: ml_collections.ConfigDict,
                  dataset: input_pipeline.Dataset) -> InputSpec:
-  """The spec of a run on `dataset` (whose `fitted` holds the statistics)."""
+  """The spec of a run on `dataset` (whose `fitted` holds the statistics);
+  `data` is config.data."""
   crop = {}
   if dataset.spec.streamed:
     crop = dict(crop_fraction=streaming.EVAL_CROP_FRACTION, square_crop=True)
   return InputSpec(dataset.fitted, tuple(dataset.image_shape),
-                   input_pipeline.class_names(c, dataset.num_classes), **crop)
+                   input_pipeline.class_names(data, dataset.num_classes),
+                   **crop)
 
 
 def save(workdir: str, spec: InputSpec) -> None:

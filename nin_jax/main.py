@@ -2,7 +2,8 @@ r"""Command-line entry point: `python -m nin_jax.main --config=C --workdir=W`.
 
 Intentionally short: it parses flags, joins a multi-process run when asked to,
 logs the devices and hands the config to `train.train_and_evaluate`.
-Override any config field with `--config.FIELD=VALUE`. Every user error
+Override any config field with `--config.GROUP.FIELD=VALUE` (groups: data,
+model, optim, train, runtime). Every user error
 (a misspelt field, a bad value, a missing file) is one line on stderr and
 exit status 2; a non-finite loss is exit status 3.
 """
@@ -16,6 +17,7 @@ from ml_collections import config_flags
 from nin_jax import cli
 from nin_jax import config_lib
 from nin_jax import runtime
+from nin_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -36,22 +38,19 @@ def main(argv):
   cli.check_no_arguments(argv)
   logging.get_absl_handler().addFilter(runtime.QuietLibraries())
   try:
-    config_lib.validate_config(FLAGS.config)
+    train.validate_config(FLAGS.config)
   except config_lib.ConfigError as e:
     cli.fail(str(e))
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
     runtime.configure_cpu(
-        (FLAGS.config.batch_size, FLAGS.config.eval_batch_size),
-        FLAGS.config.cpu_devices)
+        (FLAGS.config.train.batch_size, FLAGS.config.train.eval_batch_size),
+        FLAGS.config.runtime.cpu_devices)
   try:
     runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id, FLAGS.distributed)
   except (ValueError, RuntimeError) as e:
     cli.fail(f'joining the distributed runtime failed ({e}); check '
              '--coordinator_address, --num_processes and --process_id.')
-  # pylint: disable=g-import-not-at-top
-  from nin_jax import train
-  # pylint: enable=g-import-not-at-top
   if jax.process_index() > 0:
     logging.set_verbosity(logging.WARNING)  # One voice: process 0 reports.
   logging.info('Process %d of %d; %d local / %d global devices (%s).',

@@ -22,6 +22,9 @@ from typing import Any, Callable, Optional, Sequence
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
+
+from nin_jax.errors import check
 
 Array = jax.Array
 Initializer = Callable[..., Array]
@@ -513,3 +516,22 @@ def output_size(blocks: Sequence[BlockSpec], image_size: int) -> int:
     if block.pool != 'none':
       size = pooled_size(size, block.pool_window, block.pool_stride)
   return size
+
+
+DTYPES = ('float32', 'bfloat16', 'float16')
+
+
+def validate_config(m: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of config.model
+  (conv_impl is conv_select's)."""
+  check(m.preset in PRESETS, 'model.preset', m.preset,
+        f'must be one of {sorted(PRESETS)}')
+  check(m.head in HEADS, 'model.head', m.head, f'must be one of {HEADS}')
+  check(m.weight_init in INITS, 'model.weight_init', m.weight_init,
+        f'must be one of {INITS}')
+  check(m.second_pool in ('', 'max', 'avg'), 'model.second_pool',
+        m.second_pool, "must be '', 'max' or 'avg'")
+  for field in ('dropout_rate', 'head_dropout_rate'):
+    check(0.0 <= m[field] < 1.0, f'model.{field}', m[field],
+          'must be in [0, 1)')
+  check(m.dtype in DTYPES, 'model.dtype', m.dtype, f'must be one of {DTYPES}')

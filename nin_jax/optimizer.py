@@ -15,6 +15,10 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
+from nin_jax.errors import check
+
+SCHEDULES = ('constant', 'step', 'plateau', 'cosine', 'one_cycle')
+OPTIMIZERS = ('sgd', 'nesterov')
 Schedule = Callable[[jax.Array], jax.Array]
 
 
@@ -55,32 +59,56 @@ def param_labels(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(label, params)
 
 
-def learning_rate_schedule(c: ml_collections.ConfigDict, steps_per_epoch: int,
+def validate_config(optim: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of config.optim."""
+  check(optim.optimizer in OPTIMIZERS, 'optim.optimizer', optim.optimizer,
+        f'must be one of {OPTIMIZERS}')
+  check(optim.learning_rate > 0, 'optim.learning_rate', optim.learning_rate,
+        'must be a positive number')
+  check(0 <= optim.momentum < 1, 'optim.momentum', optim.momentum,
+        'must be in [0, 1)')
+  for field in ('weight_decay', 'bias_lr_mult', 'last_layer_lr_mult',
+                'warmup_epochs', 'plateau_max_reductions'):
+    check(optim[field] >= 0, f'optim.{field}', optim[field], 'must be >= 0')
+  check(optim.schedule in SCHEDULES, 'optim.schedule', optim.schedule,
+        f'must be one of {SCHEDULES}')
+  check(0 < optim.lr_decay <= 1, 'optim.lr_decay', optim.lr_decay,
+        'must be in (0, 1]')
+  check(all(b > 0 for b in optim.lr_boundaries_epochs),
+        'optim.lr_boundaries_epochs', optim.lr_boundaries_epochs,
+        'must be positive epochs')
+  check(optim.plateau_patience_epochs > 0, 'optim.plateau_patience_epochs',
+        optim.plateau_patience_epochs, 'must be positive')
+
+
+def learning_rate_schedule(optim: ml_collections.ConfigDict,
+                           steps_per_epoch: int,
                            num_steps: int) -> Schedule:
   """The base learning rate as a function of the step (before plateau cuts)."""
-  warmup = int(round(c.warmup_epochs * steps_per_epoch))
-  lr = c.learning_rate
-  if c.schedule in ('constant', 'plateau'):
+  warmup = int(round(optim.warmup_epochs * steps_per_epoch))
+  lr = optim.learning_rate
+  if optim.schedule in ('constant', 'plateau'):
     main = optax.constant_schedule(lr)
-  elif c.schedule == 'step':
+  elif optim.schedule == 'step':
     # Boundaries after the last step never act (and may not fit in int32).
-    boundaries = {b: c.lr_decay for b in (
+    boundaries = {b: optim.lr_decay for b in (
         int(round(e * steps_per_epoch)) - warmup
-        for e in c.lr_boundaries_epochs) if b <= num_steps}
+        for e in optim.lr_boundaries_epochs) if b <= num_steps}
     main = optax.piecewise_constant_schedule(lr, boundaries)
-  elif c.schedule == 'cosine':
+  elif optim.schedule == 'cosine':
     main = optax.cosine_decay_schedule(lr, max(1, num_steps - warmup))
-  elif c.schedule == 'one_cycle':
+  elif optim.schedule == 'one_cycle':
     return optax.cosine_onecycle_schedule(num_steps, lr)
   else:
-    raise ValueError(f'config.schedule={c.schedule!r} is not a schedule.')
+    raise ValueError(
+        f'config.optim.schedule={optim.schedule!r} is not a schedule.')
   if warmup == 0:
     return main
   return optax.join_schedules(
       [optax.linear_schedule(0.0, lr, warmup), main], [warmup])
 
 
-def create_optimizer(c: ml_collections.ConfigDict, params: Any,
+def create_optimizer(optim: ml_collections.ConfigDict, params: Any,
                      steps_per_epoch: int,
                      num_steps: int) -> tuple[optax.GradientTransformation,
                                               Schedule]:
@@ -91,24 +119,24 @@ def create_optimizer(c: ml_collections.ConfigDict, params: Any,
   epoch average stops improving, at most `plateau_max_reductions` times.
   """
   labels = param_labels(params)
-  multipliers = {'weight': 1.0, 'bias': c.bias_lr_mult,
-                 'last_weight': c.last_layer_lr_mult,
-                 'last_bias': c.last_layer_lr_mult * c.bias_lr_mult,
+  multipliers = {'weight': 1.0, 'bias': optim.bias_lr_mult,
+                 'last_weight': optim.last_layer_lr_mult,
+                 'last_bias': optim.last_layer_lr_mult * optim.bias_lr_mult,
                  'norm': 1.0}
   decay_mask = jax.tree.map(lambda l: l in ('weight', 'last_weight'), labels)
-  schedule = learning_rate_schedule(c, steps_per_epoch, num_steps)
+  schedule = learning_rate_schedule(optim, steps_per_epoch, num_steps)
   parts = [
-      optax.add_decayed_weights(c.weight_decay, mask=decay_mask),
+      optax.add_decayed_weights(optim.weight_decay, mask=decay_mask),
       optax.multi_transform(
           {k: optax.scale(m) for k, m in multipliers.items()}, labels),
-      optax.sgd(schedule, momentum=c.momentum or None,
-                nesterov=c.optimizer == 'nesterov'),
+      optax.sgd(schedule, momentum=optim.momentum or None,
+                nesterov=optim.optimizer == 'nesterov'),
   ]
-  if c.schedule == 'plateau':
+  if optim.schedule == 'plateau':
     parts.append(optax.contrib.reduce_on_plateau(
-        factor=c.lr_decay, patience=c.plateau_patience_epochs,
+        factor=optim.lr_decay, patience=optim.plateau_patience_epochs,
         accumulation_size=steps_per_epoch,
-        min_scale=c.lr_decay ** c.plateau_max_reductions * (1 - 1e-6)))
+        min_scale=optim.lr_decay ** optim.plateau_max_reductions * (1 - 1e-6)))
   return optax.chain(*parts), schedule
 
 

@@ -42,7 +42,7 @@ def _read_npz(path: str, keys: tuple[str, ...] = NPZ_KEYS
               ) -> list[np.ndarray]:
   """The arrays `keys` of `path`, read without pickle, or DataError."""
   if not os.path.isfile(path):
-    raise DataError(f'config.dataset=npz:{path}: no such file; point it at a '
+    raise DataError(f'config.data.dataset=npz:{path}: no such file; point it at a '
                     f'.npz with keys {NPZ_KEYS}.')
   with open(path, 'rb') as f:
     magic = f.read(6)

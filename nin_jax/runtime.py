@@ -17,7 +17,10 @@ import pkgutil
 from typing import Mapping, Optional, Sequence
 
 import jax
+import ml_collections
 from absl import logging
+
+from nin_jax.errors import check_count
 
 # Virtual CPU devices to split a batch over when the user has not set a count
 # (measured on 2 cores, CIFAR-10 NiN, batch 128; see README "Speed").
@@ -126,7 +129,7 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
 
   Must run before JAX initializes its backends (before any device is
   touched); afterwards, or in a multi-process job, it does nothing.
-  `target` <= 0 means DEFAULT_CPU_DEVICES (config.cpu_devices = 0).
+  `target` <= 0 means DEFAULT_CPU_DEVICES (config.runtime.cpu_devices = 0).
   """
   target = target if target > 0 else DEFAULT_CPU_DEVICES
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
@@ -138,7 +141,12 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
   if count is not None:
     jax.config.update('jax_num_cpu_devices', count)
     logging.info('CPU only: each batch is split over %d virtual CPU devices '
-                 '(--config.cpu_devices=N caps it, 1 turns it off; '
+                 '(--config.runtime.cpu_devices=N caps it, 1 turns it off; '
                  'XLA_FLAGS=%s=N sets it).', count,
                  CPU_DEVICE_COUNT_FLAG)
   return count
+
+
+def validate_config(r: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of config.runtime."""
+  check_count(r.cpu_devices, 'runtime.cpu_devices', 'automatic')

@@ -6,7 +6,7 @@ Pillow in a pool of threads (Pillow releases the GIL). A JPEG is decoded at
 the smallest DCT scale (1/2, 1/4, 1/8; `PIL.Image.draft`) that keeps the crop
 at least `image_size` pixels, then the crop is resized bilinearly in one step.
 
-- train (config.augment): an Inception-style random-resized crop (area
+- train (config.data.augment): an Inception-style random-resized crop (area
   fraction in [0.08, 1], aspect ratio log-uniform in [3/4, 4/3], the central
   crop after 10 misses) and a horizontal flip with probability 1/2.
 - eval, and train without augment: the shorter side resized to

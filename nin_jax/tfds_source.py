@@ -44,8 +44,8 @@ def _import_tfds():
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise DataError(
-        f'config.dataset=tfds:...: tensorflow_datasets is not installed ({e}); '
-        f"run `pip install 'nin-jax[tfds]'` or use --config.dataset=npz:PATH."
+        f'config.data.dataset=tfds:...: tensorflow_datasets is not installed ({e}); '
+        f"run `pip install 'nin-jax[tfds]'` or use --config.data.dataset=npz:PATH."
     ) from e
   return tfds
 
@@ -54,15 +54,15 @@ def not_prepared_message(name: str, data_dir: Optional[str],
                          where: str) -> str:
   """The one-line DataError text for a dataset that is not prepared."""
   return (
-      f'config.dataset=tfds:{name}: no prepared copy in {where} (TFDS data_dir '
+      f'config.data.dataset=tfds:{name}: no prepared copy in {where} (TFDS data_dir '
       f'{data_dir or "default"}), and nin-jax never downloads. Either '
-      f'(1) point --config.data_dir=DIR at a TFDS data_dir holding a prepared '
+      f'(1) point --config.data.data_dir=DIR at a TFDS data_dir holding a prepared '
       f'array_record copy of {name}; or (2) on a machine that has the original '
       f'archives, prepare one with `tfds build {name} --file_format='
       f'array_record --manual_dir=ARCHIVES --data_dir=DIR` (or builder.'
       f'download_and_prepare(file_format="array_record", download_config='
       f'tfds.download.DownloadConfig(manual_dir=ARCHIVES))) and copy DIR '
-      f'here; or (3) use Keras-layout arrays: --config.dataset=npz:PATH.')
+      f'here; or (3) use Keras-layout arrays: --config.data.dataset=npz:PATH.')
 
 
 def open_builder(name: str, data_dir: Optional[str]):
@@ -71,17 +71,17 @@ def open_builder(name: str, data_dir: Optional[str]):
   try:
     builder = tfds.builder(name, data_dir=data_dir)
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f'config.dataset=tfds:{name}: TFDS cannot open it in '
-                    f'--config.data_dir={data_dir or "(default)"}: {e}') from e
+    raise DataError(f'config.data.dataset=tfds:{name}: TFDS cannot open it in '
+                    f'--config.data.data_dir={data_dir or "(default)"}: {e}') from e
   if not builder.is_prepared():
     raise DataError(not_prepared_message(name, data_dir, builder.data_dir))
   formats = {f.value for f in builder.info.available_file_formats()}
   if 'array_record' not in formats:
     raise DataError(
-        f'config.dataset=tfds:{name}: the copy in {builder.data_dir} is '
+        f'config.data.dataset=tfds:{name}: the copy in {builder.data_dir} is '
         f'stored as {sorted(formats)}, which needs TensorFlow to read; '
         f'rebuild it with `tfds build {name} --file_format=array_record` or '
-        f'use --config.dataset=npz:PATH.')
+        f'use --config.data.dataset=npz:PATH.')
   return builder
 
 
@@ -109,7 +109,7 @@ def read_split(source, name: str, split: str) -> Arrays:
       labels.append(example['label'])
       ids.append(example.get('id'))
   if not images:
-    raise DataError(f'config.dataset=tfds:{name}: split {split!r} is empty.')
+    raise DataError(f'config.data.dataset=tfds:{name}: split {split!r} is empty.')
   images = np.stack(images).astype(np.uint8, copy=False)
   labels = np.asarray(labels, np.int32)
   if images.ndim == 3:
@@ -129,7 +129,7 @@ def split_names(name: str, with_extra: bool = False) -> list[str]:
   if with_extra:
     if not spec.extra_splits:
       raise DataError(
-          f'config.use_extra_split=True but tfds:{name} has no extra split; '
+          f'config.data.use_extra_split=True but tfds:{name} has no extra split; '
           'set it to False.')
     splits += spec.extra_splits
   return splits
@@ -140,7 +140,7 @@ def _check_splits(builder, name: str, splits: Sequence[str]) -> None:
   available = set(builder.info.splits.keys())
   missing = [s for s in splits if s not in available]
   if missing and available:
-    raise DataError(f'config.dataset=tfds:{name}: the copy in '
+    raise DataError(f'config.data.dataset=tfds:{name}: the copy in '
                     f'{builder.data_dir} lacks splits {missing} (it has '
                     f'{sorted(available)}); prepare them or use npz:PATH.')
 
@@ -152,7 +152,7 @@ def load_arrays(name: str, data_dir: Optional[str] = None,
   into memory."""
   if datasets.lookup(f'tfds:{name}').streamed:
     raise DataError(
-        f'config.dataset=tfds:{name} does not fit in host memory: it is '
+        f'config.data.dataset=tfds:{name} does not fit in host memory: it is '
         f'streamed batch by batch (streaming.py), never read whole.')
   builder = open_builder(name, data_dir)
   splits = list(splits or split_names(name, with_extra))
@@ -182,9 +182,9 @@ def encoded_sources(name: str, data_dir: Optional[str], num_classes: int,
   builder = open_builder(name, data_dir)
   label = builder.info.features['label']
   if getattr(label, 'num_classes', 0) > num_classes:
-    raise DataError(f'config.dataset=tfds:{name} has {label.num_classes} '
+    raise DataError(f'config.data.dataset=tfds:{name} has {label.num_classes} '
                     f'classes but the preset has {num_classes}; pick a preset '
-                    f'(config.preset) with {label.num_classes} classes.')
+                    f'(config.model.preset) with {label.num_classes} classes.')
   splits = split_names(name, with_extra)
   _check_splits(builder, name, splits)
   sources = builder.as_data_source(

@@ -36,14 +36,17 @@ from nin_jax import input_spec
 from nin_jax import metric_writers
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
+from nin_jax import runtime
+from nin_jax.errors import check, check_count
 
 DATA_AXIS = 'data'
 TOP_K = 5  # Top-5 accuracy is reported for more than TOP_K classes.
 # Fields that define the architecture: a checkpoint only fits a config that
-# agrees on all of them.
-ARCHITECTURE_FIELDS = ('preset', 'model')
-# Model fields that change how, not what, is computed: free to differ on resume.
-IMPLEMENTATION_FIELDS = ('conv_impl',)
+# agrees on all of them. The others of config.model (conv_impl, dtype) change
+# how, not what, is computed: free to differ on resume.
+ARCHITECTURE_FIELDS = {'model': ('preset', 'head', 'dropout_rate',
+                                 'head_dropout_rate', 'weight_init',
+                                 'batch_norm', 'second_pool', 'final_relu')}
 
 
 class NonFiniteError(FloatingPointError):
@@ -66,19 +69,56 @@ def create_mesh(devices: Optional[list] = None) -> Mesh:
   return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
-def build_model(c: ml_collections.ConfigDict) -> models.NiN:
-  """The NiN of `c.preset` with the config's model fields."""
+def build_model(m: ml_collections.ConfigDict) -> models.NiN:
+  """The NiN of config.model (`m`): its preset with the subtree's fields."""
   return models.create_model(
-      c.preset,
-      second_pool=c.model.second_pool or None,
-      head=c.model.head,
-      dropout_rate=c.model.dropout_rate,
-      head_dropout_rate=c.model.head_dropout_rate,
-      weight_init=c.model.weight_init,
-      batch_norm=c.model.batch_norm,
-      final_relu=c.model.final_relu,
-      conv=conv_select.conv_module(c.model.conv_impl),
-      dtype=None if c.dtype == 'float32' else jnp.dtype(c.dtype))
+      m.preset,
+      second_pool=m.second_pool or None,
+      head=m.head,
+      dropout_rate=m.dropout_rate,
+      head_dropout_rate=m.head_dropout_rate,
+      weight_init=m.weight_init,
+      batch_norm=m.batch_norm,
+      final_relu=m.final_relu,
+      conv=conv_select.conv_module(m.conv_impl),
+      dtype=None if m.dtype == 'float32' else jnp.dtype(m.dtype))
+
+
+def validate_train_config(t: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first invalid field of config.train."""
+  for field in ('batch_size', 'eval_batch_size', 'log_every_steps',
+                'keep_checkpoints'):
+    check_count(t[field], f'train.{field}')
+  check_count(t.eval_every_steps, 'train.eval_every_steps', 'once per epoch')
+  check_count(t.checkpoint_every_steps, 'train.checkpoint_every_steps',
+              'once per epoch')
+  check_count(t.profile_steps, 'train.profile_steps', 'no trace')
+  if t.num_train_steps == -1:
+    check(t.num_epochs > 0, 'train.num_epochs', t.num_epochs,
+          'must be positive (or set train.num_train_steps)')
+  else:
+    check(isinstance(t.num_train_steps, int) and t.num_train_steps > 0,
+          'train.num_train_steps', t.num_train_steps,
+          'must be a positive integer, or -1 to use train.num_epochs')
+  check(0 <= t.seed < 2**31, 'train.seed', t.seed, 'must be in [0, 2**31)')
+
+
+def validate_config(c: ml_collections.ConfigDict,
+                    num_devices: Optional[int] = None,
+                    backend: Optional[str] = None) -> None:
+  """Raises ConfigError naming the first invalid field of `c`: the layout and
+  types, each subtree by the module that reads it, then the checks across
+  subtrees. `num_devices`: the global device count the batches are split
+  over; `backend`: jax.default_backend() (None: checks needing them skip)."""
+  config_lib.check_fields(c)
+  input_pipeline.validate_config(c.data)
+  models.validate_config(c.model)
+  conv_select.check_config(c.model.conv_impl, backend)
+  optimizer_lib.validate_config(c.optim)
+  validate_train_config(c.train)
+  runtime.validate_config(c.runtime)
+  if num_devices is not None:
+    config_lib.check_devices(c, num_devices)
 
 
 def init_variables(model: models.NiN, image_shape: tuple[int, ...],
@@ -217,12 +257,12 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
   A streamed dataset's uint8 batches are normalized inside both steps.
   """
   data = NamedSharding(mesh, P(DATA_AXIS))
-  normalize_fn = input_pipeline.device_normalize_fn(c)
+  normalize_fn = input_pipeline.device_normalize_fn(c.data)
   train_fn = jax.jit(
       _under_mesh(mesh, _normalize_first(functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
-          augment_fn=input_pipeline.device_augment_fn(c),
-          plateau=c.schedule == 'plateau'), normalize_fn)),
+          augment_fn=input_pipeline.device_augment_fn(c.data),
+          plateau=c.optim.schedule == 'plateau'), normalize_fn)),
       in_shardings=(state_sharding, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
@@ -263,32 +303,34 @@ def _normalize_first(step_fn: Callable,
 
 
 def num_train_steps(c: ml_collections.ConfigDict, num_examples: int) -> int:
-  if c.num_train_steps > 0:
-    return c.num_train_steps
+  if c.train.num_train_steps > 0:
+    return c.train.num_train_steps
   return max(1, int(math.ceil(
-      c.num_epochs * input_pipeline.steps_per_epoch(num_examples,
-                                                    c.batch_size))))
+      c.train.num_epochs * input_pipeline.steps_per_epoch(num_examples,
+                                                    c.train.batch_size))))
 
 
 def check_resume_compatible(c: ml_collections.ConfigDict, workdir: str
                             ) -> None:
-  """Raises ConfigError if WORKDIR holds checkpoints of another architecture."""
+  """Raises ConfigError if WORKDIR holds checkpoints of another architecture
+  (config.json of the flat layout included)."""
   saved_path = epath.Path(workdir) / 'config.json'
   ckpt_dir = epath.Path(workdir) / 'checkpoints'
   if not saved_path.exists() or not ckpt_dir.exists() or not any(
       p.name.isdigit() for p in ckpt_dir.iterdir()):
     return
-  saved = json.loads(saved_path.read_text())
+  saved = config_lib.upgrade(json.loads(saved_path.read_text()))
   current = json.loads(c.to_json())
-  for config in (saved, current):
-    for field in IMPLEMENTATION_FIELDS:
-      config.get('model', {}).pop(field, None)
-  for field in ARCHITECTURE_FIELDS:
-    if saved.get(field) != current.get(field):
-      raise config_lib.ConfigError(
-          f'--workdir={workdir} holds checkpoints of config.{field}='
-          f'{saved.get(field)!r} but this run has config.{field}='
-          f'{current.get(field)!r}; use a new workdir or the same {field}.')
+  for group, fields in ARCHITECTURE_FIELDS.items():
+    defaults = config_lib.default_config()[group]
+    for field in fields:
+      before = saved.get(group, {}).get(field, defaults[field])
+      now = current[group][field]
+      if before != now:
+        raise config_lib.ConfigError(
+            f'--workdir={workdir} holds checkpoints of config.{group}.{field}'
+            f'={before!r} but this run has config.{group}.{field}={now!r}; '
+            f'use a new workdir or the same {group}.{field}.')
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
@@ -354,8 +396,9 @@ class StallDetector:
           'Step %d: the loss is stuck at ln(%d) = %.4f and the logits are '
           'all but equal: the class maps carry no signal (the classic NiN '
           'stall, a dead ReLU on the class maps). '
-          'Remedies: lower the last layer\'s rate (config.last_layer_lr_mult='
-          '0.1), lower config.learning_rate, or use config.model.weight_init='
+          'Remedies: lower the last layer\'s rate '
+          '(config.optim.last_layer_lr_mult=0.1), lower '
+          'config.optim.learning_rate, or use config.model.weight_init='
           "'modern' with config.model.batch_norm=True.", step,
           round(math.exp(self.flat_loss)), self.flat_loss)
     return self.count >= self.patience
@@ -390,7 +433,7 @@ class TrainLog:
       self._restart_clock(done)
 
   def due(self, done: int) -> bool:
-    return done % self.c.log_every_steps == 0 or done == self.total_steps
+    return done % self.c.train.log_every_steps == 0 or done == self.total_steps
 
   @contextlib.contextmanager
   def paused(self):
@@ -428,10 +471,10 @@ class TrainLog:
               if not (math.isfinite(loss) and math.isfinite(norm)) else
               'the update overflowed the parameters, momentum or BatchNorm '
               f'statistics (loss {loss}, gradient norm {norm})')
-    if not self.c.skip_nonfinite_steps:
+    if not self.c.train.skip_nonfinite_steps:
       raise NonFiniteError(
           f'Step {index}: {reason}; stopped. The last good checkpoint is '
-          f'{last_good}. Lower config.learning_rate or use '
+          f'{last_good}. Lower config.optim.learning_rate or use '
           f"config.model.weight_init='modern'.")
     logging.warning('Step %d: %s; step skipped.', index, reason)
 
@@ -445,7 +488,7 @@ class TrainLog:
     seconds = time.perf_counter() - self.clock - self.paused_seconds
     speed = ''
     if timed > 0 and seconds > 0:
-      record['images_per_sec'] = timed * self.c.batch_size / seconds
+      record['images_per_sec'] = timed * self.c.train.batch_size / seconds
       eta = (self.total_steps - done) * seconds / timed
       speed = (f' {record["images_per_sec"]:.0f} img/s ETA '
                f'{_format_eta(eta)}')
@@ -517,16 +560,17 @@ def create_trainer(c: ml_collections.ConfigDict,
   """
   mesh = create_mesh() if mesh is None else mesh
   replicated = NamedSharding(mesh, P())
-  model = build_model(c)
-  per_epoch = input_pipeline.steps_per_epoch(num_train_examples, c.batch_size)
+  model = build_model(c.model)
+  per_epoch = input_pipeline.steps_per_epoch(num_train_examples,
+                                             c.train.batch_size)
   total_steps = num_train_steps(c, num_train_examples)
   params_shape = jax.eval_shape(
-      lambda: init_variables(model, image_shape, c.seed))['params']
-  tx, schedule = optimizer_lib.create_optimizer(c, params_shape, per_epoch,
-                                                total_steps)
+      lambda: init_variables(model, image_shape, c.train.seed))['params']
+  tx, schedule = optimizer_lib.create_optimizer(c.optim, params_shape,
+                                                per_epoch, total_steps)
   state = jax.jit(functools.partial(create_train_state, model, tx,
                                     tuple(image_shape)),
-                  static_argnums=0, out_shardings=replicated)(c.seed)
+                  static_argnums=0, out_shardings=replicated)(c.train.seed)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
   train_fn, eval_fn = compile_steps(c, model, tx, schedule, mesh,
                                     state_sharding)
@@ -538,17 +582,16 @@ def prepare(c: ml_collections.ConfigDict, workdir: str
             ) -> input_pipeline.Dataset:
   """Checks `c` and `workdir` and opens the dataset: every user error is
   raised here, before anything is compiled or written."""
-  config_lib.validate_config(c, jax.device_count())
-  config_lib.check_conv_impl(c, jax.default_backend())
+  validate_config(c, jax.device_count(), jax.default_backend())
   config_lib.check_workdir(workdir)
   check_resume_compatible(c, workdir)
   dataset = input_pipeline.load_dataset(
-      c, models.PRESETS[c.preset].num_classes,
+      c.data, models.PRESETS[c.model.preset].num_classes,
       config_lib.streamed_image_size(c))
   config_lib.check_image_size(c, *dataset.image_shape)
   config_lib.check_batch_size(c, len(dataset.train))
   config_lib.check_schedule_length(
-      c, input_pipeline.steps_per_epoch(len(dataset.train), c.batch_size))
+      c, input_pipeline.steps_per_epoch(len(dataset.train), c.train.batch_size))
   return dataset
 
 
@@ -580,29 +623,30 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   """
   dataset = prepare(c, workdir)
   trainer = create_trainer(c, dataset.image_shape, len(dataset.train))
-  pipeline = input_pipeline.Pipeline(dataset, c.seed, c.batch_size,
-                                     c.eval_batch_size, trainer.data_sharding)
+  pipeline = input_pipeline.Pipeline(dataset, c.train.seed, c.train.batch_size,
+                                     c.train.eval_batch_size,
+                                     trainer.data_sharding)
   write_config(c, workdir)
-  input_spec.save(workdir, input_spec.from_dataset(c, dataset))
-  manager = checkpoints.create_manager(workdir, c.keep_checkpoints)
+  input_spec.save(workdir, input_spec.from_dataset(c.data, dataset))
+  manager = checkpoints.create_manager(workdir, c.train.keep_checkpoints)
   restored_step, state = checkpoints.restore_latest(manager, trainer.state)
   if restored_step is not None:
     logging.info('Resumed from the checkpoint at step %d.', restored_step)
   step = start_step = int(state.step)
   total_steps = trainer.total_steps
   logging.info('Training %s (%d params) on %d device(s) for %d steps '
-               '(%d per epoch) from step %d.', c.preset,
+               '(%d per epoch) from step %d.', c.model.preset,
                sum(x.size for x in jax.tree.leaves(state.params)),
                jax.device_count(), total_steps, trainer.steps_per_epoch,
                start_step)
 
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
-                 models.PRESETS[c.preset].num_classes)
+                 models.PRESETS[c.model.preset].num_classes)
   save = Checkpointer(manager, restored_step, before_save=writer.flush)
-  profiler = Profiler(workdir, c.profile_steps, start_step)
-  eval_every = c.eval_every_steps or trainer.steps_per_epoch
-  save_every = c.checkpoint_every_steps or trainer.steps_per_epoch
+  profiler = Profiler(workdir, c.train.profile_steps, start_step)
+  eval_every = c.train.eval_every_steps or trainer.steps_per_epoch
+  save_every = c.train.checkpoint_every_steps or trainer.steps_per_epoch
 
   def evaluate_at(step: int) -> dict[str, Any]:
     metrics = evaluate(trainer.eval_fn, state, pipeline.eval_iter())

@@ -95,7 +95,7 @@ def test_augmentation_is_a_function_of_the_key():
 
 def config_for(dataset, flip=True):
   c = config_lib.default_config()
-  c.dataset, c.augment, c.flip, c.translate_pixels = dataset, True, flip, 1
+  c.data.update(dataset=dataset, augment=True, flip=flip, translate_pixels=1)
   return c
 
 
@@ -103,7 +103,7 @@ def config_for(dataset, flip=True):
     'sklearn:digits', 'tfds:mnist', 'tfds:svhn_cropped',
     'npz:/data/mnist/mnist.npz', 'npz:/data/MNIST.npz'])
 def test_digits_are_never_flipped(dataset):
-  fn = input_pipeline.device_augment_fn(config_for(dataset))
+  fn = input_pipeline.device_augment_fn(config_for(dataset).data)
   out = np.asarray(fn(jnp.asarray(position_images(500)), jax.random.key(1)))
   results = [decode(o[..., 0]) for o in out]
   assert not any(flipped for _, _, flipped in results)
@@ -112,25 +112,26 @@ def test_digits_are_never_flipped(dataset):
 
 def test_natural_images_are_flipped_unless_switched_off():
   images = jnp.asarray(position_images(500))
-  fn = input_pipeline.device_augment_fn(config_for('tfds:cifar10'))
+  fn = input_pipeline.device_augment_fn(config_for('tfds:cifar10').data)
   flips = [decode(o[..., 0])[2] for o in np.asarray(fn(images,
                                                         jax.random.key(1)))]
   assert 150 < sum(flips) < 350
-  fn = input_pipeline.device_augment_fn(config_for('tfds:cifar10', flip=False))
+  fn = input_pipeline.device_augment_fn(
+      config_for('tfds:cifar10', flip=False).data)
   assert not any(decode(o[..., 0])[2] for o in np.asarray(
       fn(images, jax.random.key(1))))
 
 
 def test_no_augment_fn_when_augment_is_off():
   c = config_for('tfds:cifar10')
-  c.augment = False
-  assert input_pipeline.device_augment_fn(c) is None
+  c.data.augment = False
+  assert input_pipeline.device_augment_fn(c.data) is None
 
 
 def test_translation_larger_than_the_image_is_refused():
   c = config_for('tfds:cifar10')
-  c.translate_pixels = 32
+  c.data.translate_pixels = 32
   with pytest.raises(config_lib.ConfigError, match='translate_pixels'):
     config_lib.check_image_size(c, 32, 32, 3)
-  c.translate_pixels = 31
+  c.data.translate_pixels = 31
   config_lib.check_image_size(c, 32, 32, 3)

@@ -12,6 +12,7 @@ from ml_collections import config_flags
 
 from nin_jax import cli
 from nin_jax import config_lib
+from nin_jax import train
 
 from conftest import REPO
 
@@ -44,12 +45,12 @@ def assert_one_line(err, *needles):
 
 
 @pytest.mark.parametrize('override, nearest', [
-    ('--config.batch_sise=3', '--config.batch_size'),
+    ('--config.batch_sise=3', '--config.train.batch_size'),
     ('--config.no_such_field=3', 'config_lib.py'),
     ('--config.model.hed=fc', '--config.model.head'),
     ('--config.model.nope.x=3', "'model.nope.x'"),
     ('--config.qqqq=3', 'config_lib.py'),
-    ('--config.lerning_rate=0.1', '--config.learning_rate'),
+    ('--config.lerning_rate=0.1', '--config.optim.learning_rate'),
 ])
 def test_unknown_field_is_one_line_with_the_nearest(override, nearest,
                                                     capsys):
@@ -60,9 +61,9 @@ def test_unknown_field_is_one_line_with_the_nearest(override, nearest,
 
 
 @pytest.mark.parametrize('override, kind', [
-    ('--config.batch_size=abc', 'int'),
-    ('--config.batch_size=1.5', 'int'),
-    ('--config.learning_rate=fast', 'float'),
+    ('--config.train.batch_size=abc', 'int'),
+    ('--config.train.batch_size=1.5', 'int'),
+    ('--config.optim.learning_rate=fast', 'float'),
     ('--config.model=3', 'ConfigDict'),
 ])
 def test_value_of_the_wrong_type_is_one_line(override, kind, capsys):
@@ -97,7 +98,7 @@ def test_missing_required_and_unknown_flags_are_one_line(capsys):
 
 def test_valid_flags_parse(capsys):
   code, err = parse([f'--config={QUICKSTART}', '--workdir=w',
-                     '--config.batch_size=32', '--config.model.head=fc'],
+                     '--config.train.batch_size=32', '--config.model.head=fc'],
                     capsys)
   assert code == 0 and not err
 
@@ -142,7 +143,7 @@ def test_every_field_rejects_wrong_types_naming_the_field():
     for value in wrong_values(default):
       with pytest.raises(config_lib.ConfigError,
                          match=rf'config\.{field}\b') as e:
-        config_lib.validate_config(with_value(field, value))
+        train.validate_config(with_value(field, value))
       assert len(str(e.value).splitlines()) == 1
       checked += 1
   assert checked > 100
@@ -150,24 +151,30 @@ def test_every_field_rejects_wrong_types_naming_the_field():
 
 def test_misspelt_field_in_a_config_file_names_the_nearest():
   c = ml_collections.ConfigDict(config_lib.default_config().to_dict())
-  c.batch_sise = 3
-  with pytest.raises(config_lib.ConfigError, match='did you mean batch_size'):
-    config_lib.validate_config(c)
+  c.train.batch_sise = 3
+  with pytest.raises(config_lib.ConfigError,
+                     match='did you mean train.batch_size'):
+    train.validate_config(c)
   c = config_lib.default_config().to_dict()
-  del c['seed']
-  with pytest.raises(config_lib.ConfigError, match='config.seed is missing'):
-    config_lib.validate_config(ml_collections.ConfigDict(c))
+  del c['train']['seed']
+  with pytest.raises(config_lib.ConfigError, match='config.train.seed is missing'):
+    train.validate_config(ml_collections.ConfigDict(c))
 
 
 @pytest.mark.parametrize('field, value', [
-    ('seed', -1), ('data_workers', 10**6), ('num_epochs', 0.0),
-    ('batch_size', 0), ('eval_batch_size', -5), ('learning_rate', 0.0),
-    ('momentum', 1.0), ('model.dropout_rate', 1.0), ('lr_decay', 0.0),
-    ('lr_boundaries_epochs', (-1.0,)), ('translate_pixels', -1),
-    ('image_size', 32), ('warmup_epochs', -1.0)])
+    ('train.seed', -1), ('data.data_workers', 10**6),
+    ('train.num_epochs', 0.0), ('train.batch_size', 0),
+    ('train.eval_batch_size', -5), ('optim.learning_rate', 0.0),
+    ('optim.momentum', 1.0), ('model.dropout_rate', 1.0),
+    ('optim.lr_decay', 0.0), ('optim.lr_boundaries_epochs', (-1.0,)),
+    ('data.translate_pixels', -1), ('data.image_size', 32),
+    ('optim.warmup_epochs', -1.0), ('runtime.cpu_devices', -1),
+    ('train.profile_steps', -2), ('model.dtype', 'float64'),
+    ('model.preset', 'resnet'), ('optim.schedule', 'linear'),
+    ('data.preprocessing', 'pca'), ('model.conv_impl', 'cudnn')])
 def test_out_of_range_values_name_the_field(field, value):
   with pytest.raises(config_lib.ConfigError, match=rf'config\.{field}\b'):
-    config_lib.validate_config(with_value(field, value))
+    train.validate_config(with_value(field, value))
 
 
 def run_main(*args, env=None, timeout=120):
@@ -190,9 +197,33 @@ def test_main_typo_writes_nothing(tmp_path):
   assert 'Traceback' not in out.stderr
   assert error_lines(out.stderr) == [
       "nin_jax: error: --config.batch_sise=3: the config has no field "
-      "'batch_sise'; did you mean --config.batch_size, "
-      "--config.eval_batch_size?"]
+      "'batch_sise'; did you mean --config.train.batch_size?"]
   assert not workdir.exists()
+
+
+def test_main_names_the_new_place_of_a_flat_field(tmp_path):
+  """Spellings of the flat layout (before the subtrees) get the new name."""
+  workdir = tmp_path / 'run'
+  out = run_main('--config=configs/quickstart.py', f'--workdir={workdir}',
+                 '--config.learning_rate=0.05')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert error_lines(out.stderr) == [
+      'nin_jax: error: --config.learning_rate=0.05: the field is '
+      'config.optim.learning_rate (fields are grouped as data, model, optim, '
+      'train, runtime); use --config.optim.learning_rate=0.05']
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize('flat, dotted', sorted(
+    config_lib.moved_fields().items()))
+def test_a_config_file_with_a_flat_field_names_its_new_place(flat, dotted):
+  c = config_lib.default_config()
+  group, leaf = dotted.split('.')
+  c[flat] = c[group][leaf]
+  with pytest.raises(config_lib.ConfigError) as e:
+    train.validate_config(c)
+  assert str(e.value).startswith(f'config.{flat}: the field is '
+                                 f'config.{dotted} ')
 
 
 def test_onednn_requested_but_unavailable_is_one_line(tmp_path):
@@ -210,7 +241,7 @@ def test_onednn_requested_but_unavailable_is_one_line(tmp_path):
 def test_workdir_without_a_readable_checkpoint_is_one_line(tmp_path):
   workdir = tmp_path / 'run'
   args = ['--config=configs/quickstart.py', f'--workdir={workdir}',
-          '--config.num_train_steps=4', '--config.checkpoint_every_steps=2']
+          '--config.train.num_train_steps=4', '--config.train.checkpoint_every_steps=2']
   assert run_main(*args).returncode == 0
   saved = sorted(p for p in (workdir / 'checkpoints').iterdir()
                  if p.name.isdigit())
@@ -218,7 +249,7 @@ def test_workdir_without_a_readable_checkpoint_is_one_line(tmp_path):
   for step_dir in saved:
     for f in step_dir.rglob('_METADATA'):
       f.unlink()
-  out = run_main(*args, '--config.num_train_steps=6')
+  out = run_main(*args, '--config.train.num_train_steps=6')
   assert out.returncode == 2, out.stderr[-2000:]
   assert 'Traceback' not in out.stderr
   [line] = error_lines(out.stderr)

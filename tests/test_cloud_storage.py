@@ -154,7 +154,7 @@ def test_killed_twice_on_a_bucket_ends_as_the_local_run(reference, emulator):
 
   assert_identical(plain_orbax(workdir), reference)
   config, metrics, events = read_back(emulator, 'run')
-  assert config['num_train_steps'] == STEPS
+  assert config['train']['num_train_steps'] == STEPS
   assert_logged_once(metrics, events, [8, 16, 24])
   assert not [n for n in blob_names(emulator, 'run/')
               if '.nin_jax_write_check' in n]
@@ -219,7 +219,7 @@ def test_two_processes_write_one_checkpoint_and_resume_from_it(emulator,
   assert resumed_from(log) == saved, log[-3000:]
   assert newest_checkpoint(workdir) == STEPS
   config, metrics, events = read_back(emulator, 'two')
-  assert config['num_train_steps'] == STEPS
+  assert config['train']['num_train_steps'] == STEPS
   assert_logged_once(metrics, events, [8, 16, 24])
 
 

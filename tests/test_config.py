@@ -1,6 +1,7 @@
 """Every bad input is refused with a one-line error naming the field or file,
 before anything is compiled or written."""
 
+import json
 import pathlib
 import subprocess
 import sys
@@ -19,36 +20,36 @@ CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py'))
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_shipped_config_is_valid(name):
   path = REPO / 'configs' / name
-  config_lib.validate_config(config_lib.load_config_file(str(path)),
+  train.validate_config(config_lib.load_config_file(str(path)),
                              num_devices=1)
   assert 'python -m nin_jax.main' in path.read_text().split('"""')[1]
 
 
 BAD_FIELDS = [
-    ('preset', 'resnet50', 'config.preset'),
-    ('dataset', 'cifar10', 'config.dataset'),
-    ('dataset', 'tfds:coco', 'config.dataset'),
-    ('dataset', 'sklearn:iris', 'config.dataset'),
-    ('schedule', 'linear', 'config.schedule'),
-    ('optimizer', 'adam', 'config.optimizer'),
-    ('preprocessing', 'pca', 'config.preprocessing'),
-    ('batch_size', 0, 'config.batch_size'),
-    ('batch_size', -8, 'config.batch_size'),
-    ('eval_batch_size', 0, 'config.eval_batch_size'),
-    ('learning_rate', 0.0, 'config.learning_rate'),
-    ('learning_rate', -0.1, 'config.learning_rate'),
-    ('num_epochs', 0.0, 'config.num_epochs'),
-    ('num_train_steps', 0, 'config.num_train_steps'),
-    ('momentum', 1.0, 'config.momentum'),
-    ('weight_decay', -1e-4, 'config.weight_decay'),
+    ('preset', 'resnet50', 'config.model.preset'),
+    ('dataset', 'cifar10', 'config.data.dataset'),
+    ('dataset', 'tfds:coco', 'config.data.dataset'),
+    ('dataset', 'sklearn:iris', 'config.data.dataset'),
+    ('schedule', 'linear', 'config.optim.schedule'),
+    ('optimizer', 'adam', 'config.optim.optimizer'),
+    ('preprocessing', 'pca', 'config.data.preprocessing'),
+    ('batch_size', 0, 'config.train.batch_size'),
+    ('batch_size', -8, 'config.train.batch_size'),
+    ('eval_batch_size', 0, 'config.train.eval_batch_size'),
+    ('learning_rate', 0.0, 'config.optim.learning_rate'),
+    ('learning_rate', -0.1, 'config.optim.learning_rate'),
+    ('num_epochs', 0.0, 'config.train.num_epochs'),
+    ('num_train_steps', 0, 'config.train.num_train_steps'),
+    ('momentum', 1.0, 'config.optim.momentum'),
+    ('weight_decay', -1e-4, 'config.optim.weight_decay'),
     ('model.dropout_rate', 1.0, 'config.model.dropout_rate'),
     ('model.dropout_rate', -0.1, 'config.model.dropout_rate'),
     ('model.head', 'attention', 'config.model.head'),
     ('model.weight_init', 'xavier', 'config.model.weight_init'),
-    ('dtype', 'float64', 'config.dtype'),
-    ('log_every_steps', 0, 'config.log_every_steps'),
-    ('cpu_devices', -1, 'config.cpu_devices'),
-    ('max_train_examples', -5, 'config.max_train_examples'),
+    ('dtype', 'float64', 'config.model.dtype'),
+    ('log_every_steps', 0, 'config.train.log_every_steps'),
+    ('cpu_devices', -1, 'config.runtime.cpu_devices'),
+    ('max_train_examples', -5, 'config.data.max_train_examples'),
 ]
 
 
@@ -63,7 +64,7 @@ def set_field(c, field, value):
 @pytest.mark.parametrize('field,value,message', BAD_FIELDS)
 def test_bad_field_is_named(field, value, message, tmp_path):
   c = config_lib.default_config()
-  c.dataset = 'sklearn:digits'
+  c.data.dataset = 'sklearn:digits'
   set_field(c, field, value)
   workdir = tmp_path / 'run'
   with pytest.raises(config_lib.ConfigError, match=message.replace('.', r'\.')):
@@ -73,17 +74,17 @@ def test_bad_field_is_named(field, value, message, tmp_path):
 
 def test_batch_must_divide_over_devices():
   c = config_lib.default_config()
-  c.batch_size = 100
+  c.train.batch_size = 100
   with pytest.raises(config_lib.ConfigError,
-                     match=r'config\.batch_size=100.*8 devices.*96'):
-    config_lib.validate_config(c, num_devices=8)
+                     match=r'config\.train\.batch_size=100.*8 devices.*96'):
+    train.validate_config(c, num_devices=8)
 
 
 def test_image_too_small_for_preset(tmp_path):
   c = config_lib.default_config()
-  c.preset, c.dataset = 'imagenet', 'sklearn:digits'
+  c.model.preset, c.data.dataset = 'imagenet', 'sklearn:digits'
   with pytest.raises(config_lib.ConfigError,
-                     match=r"config\.preset='imagenet' cannot take 8x8"):
+                     match=r"config\.model\.preset='imagenet' cannot take 8x8"):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
 
@@ -92,7 +93,7 @@ def test_unwritable_workdir(tmp_path):
   blocker = tmp_path / 'a_file'
   blocker.write_text('not a directory')
   c = config_lib.default_config()
-  c.dataset = 'sklearn:digits'
+  c.data.dataset = 'sklearn:digits'
   with pytest.raises(config_lib.ConfigError, match='--workdir'):
     train.train_and_evaluate(c, str(blocker / 'run'))
 
@@ -120,7 +121,7 @@ def write_npz(path, **overrides):
 def test_bad_npz_is_named(tmp_path, overrides, message):
   path = write_npz(tmp_path / 'bad.npz', **overrides)
   c = config_lib.default_config()
-  c.preset, c.dataset = 'quickstart', f'npz:{path}'
+  c.model.preset, c.data.dataset = 'quickstart', f'npz:{path}'
   with pytest.raises(input_pipeline.DataError, match=message):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   assert not (tmp_path / 'run').exists()
@@ -128,29 +129,69 @@ def test_bad_npz_is_named(tmp_path, overrides, message):
 
 def test_npz_missing_or_needing_pickle(tmp_path):
   c = config_lib.default_config()
-  c.preset, c.dataset = 'quickstart', f'npz:{tmp_path}/nope.npz'
+  c.model.preset, c.data.dataset = 'quickstart', f'npz:{tmp_path}/nope.npz'
   with pytest.raises(input_pipeline.DataError, match='no such file'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   objects = np.empty(20, dtype=object)
   path = write_npz(tmp_path / 'pickled.npz', y_train=objects)
-  c.dataset = f'npz:{path}'
+  c.data.dataset = f'npz:{path}'
   with pytest.raises(input_pipeline.DataError, match='without pickle'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
   (tmp_path / 'junk.npz').write_bytes(b'not a zip file')
-  c.dataset = f'npz:{tmp_path}/junk.npz'
+  c.data.dataset = f'npz:{tmp_path}/junk.npz'
   with pytest.raises(input_pipeline.DataError, match='junk.npz'):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
 
 
 def test_resuming_a_workdir_of_another_preset(quickstart_config, tmp_path):
   c = quickstart_config
-  c.num_train_steps = 2
+  c.train.num_train_steps = 2
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(c, workdir)
   c.model.head = 'fc'
   with pytest.raises(config_lib.ConfigError,
-                     match=r"holds checkpoints of config\.model="):
+                     match=r"holds checkpoints of config\.model\.head='gap' "
+                     r"but this run has config\.model\.head='fc'"):
     train.train_and_evaluate(c, workdir)
+
+
+def flat_layout(config: dict) -> dict:
+  """A config.json as nin-jax wrote it before the subtrees: every field at
+  the top except model's own (head, dropout_rate, ...)."""
+  flat = {'model': {}}
+  for group, fields in config.items():
+    for name, value in fields.items():
+      if group == 'model' and name not in ('preset', 'dtype'):
+        flat['model'][name] = value
+      else:
+        flat[name] = value
+  return flat
+
+
+def test_a_workdir_with_a_flat_config_json_still_loads_and_resumes(
+    quickstart_config, tmp_path):
+  """Workdirs written before the subtrees: evaluate, predict and resume read
+  their config.json, and the architecture check still guards them."""
+  from nin_jax import inference  # pylint: disable=g-import-not-at-top
+  c = quickstart_config
+  c.train.num_train_steps = 2
+  workdir = tmp_path / 'run'
+  train.train_and_evaluate(c, str(workdir))
+  saved = json.loads((workdir / 'config.json').read_text())
+  old = flat_layout(saved)
+  assert old['preset'] == 'quickstart' and 'data' not in old
+  (workdir / 'config.json').write_text(json.dumps(old))
+  assert config_lib.upgrade(old) == saved
+  assert json.loads(inference.read_config(str(workdir)).to_json()) == saved
+  assert inference.evaluate(str(workdir))['step'] == 2
+  c.train.num_train_steps = 3
+  assert train.train_and_evaluate(c, str(workdir))['step'] == 3
+  (workdir / 'config.json').write_text(json.dumps(old))
+  c.model.preset, c.train.num_train_steps = 'mnist', 4
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.model\.preset='quickstart' but this run "
+                     r"has config\.model\.preset='mnist'"):
+    train.train_and_evaluate(c, str(workdir))
 
 
 def run_main(*args):
@@ -164,9 +205,9 @@ def test_cli_unknown_field_and_bad_value(tmp_path):
                  '--config.batch_sise=3')
   assert out.returncode != 0 and 'batch_sise' in out.stderr
   out = run_main('--config=configs/quickstart.py', f'--workdir={tmp_path}/b',
-                 '--config.preset=vgg')
+                 '--config.model.preset=vgg')
   assert out.returncode != 0
-  assert "config.preset='vgg'" in out.stderr
+  assert "config.model.preset='vgg'" in out.stderr
   assert 'Traceback' not in out.stderr
   assert not (tmp_path / 'b').exists()
 
@@ -176,7 +217,7 @@ def test_conv_impl_is_validated_and_free_to_change_on_resume(
   c = quickstart_config
   c.model.conv_impl = 'mkldnn'
   with pytest.raises(config_lib.ConfigError, match='model.conv_impl'):
-    config_lib.validate_config(c)
+    train.validate_config(c)
   c.model.conv_impl = 'xla'
   workdir = tmp_path / 'run'
   train.write_config(c, str(workdir))
@@ -191,12 +232,13 @@ def test_conv_impl_is_validated_and_free_to_change_on_resume(
 def test_imagenet_caffe_variant_is_the_zoo_solver():
   from nin_jax import optimizer  # pylint: disable=g-import-not-at-top
   c = config_lib.sibling_config(__file__, '../configs/imagenet.py', 'caffe')
-  config_lib.validate_config(c, num_devices=1)
-  assert (c.batch_size, c.num_train_steps, c.weight_decay) == (64, 450_000,
-                                                               5e-4)
+  train.validate_config(c, num_devices=1)
+  assert (c.train.batch_size, c.train.num_train_steps,
+          c.optim.weight_decay) == (64, 450_000, 5e-4)
   assert (c.model.weight_init, c.model.batch_norm) == ('faithful', False)
-  per_epoch = 1_281_167 // c.batch_size
-  schedule = optimizer.learning_rate_schedule(c, per_epoch, c.num_train_steps)
+  per_epoch = 1_281_167 // c.train.batch_size
+  schedule = optimizer.learning_rate_schedule(c.optim, per_epoch,
+                                              c.train.num_train_steps)
   rates = [float(schedule(s)) for s in (0, 199_999, 200_000, 399_999,
                                         400_000, 449_999)]
   np.testing.assert_allclose(rates, [0.01, 0.01, 0.001, 0.001, 1e-4, 1e-4],

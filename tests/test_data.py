@@ -43,9 +43,9 @@ def tfds_dir(tmp_path_factory):
 
 def tfds_config(name, data_dir, **fields):
   c = config_lib.default_config()
-  c.dataset = f'tfds:{name}'
-  c.data_dir = str(data_dir)
-  c.update(fields)
+  c.data.dataset = f'tfds:{name}'
+  c.data.data_dir = str(data_dir)
+  c.update(config_lib.upgrade(fields))  # Flat names: into their subtrees.
   return c
 
 
@@ -62,7 +62,7 @@ def no_tfds_download(monkeypatch):
 def test_tfds_arrays_round_trip_in_original_order(tfds_dir, no_tfds_download):
   data_dir, splits = tfds_dir
   raw = input_pipeline.load_raw(tfds_config('svhn_cropped', data_dir,
-                                            use_extra_split=True))
+                                            use_extra_split=True).data)
   expected = splits['svhn_cropped']
   for split in ('train', 'test', 'extra'):
     x, y = getattr(raw, f'x_{split}'), getattr(raw, f'y_{split}')
@@ -74,7 +74,7 @@ def test_tfds_arrays_round_trip_in_original_order(tfds_dir, no_tfds_download):
 
 def test_tfds_mnist_keeps_every_example(tfds_dir, no_tfds_download):
   data_dir, splits = tfds_dir
-  raw = input_pipeline.load_raw(tfds_config('mnist', data_dir))
+  raw = input_pipeline.load_raw(tfds_config('mnist', data_dir).data)
   assert raw.x_train.shape == (40, 28, 28, 1) and raw.x_extra is None
   key = lambda x, y: sorted(zip(y.tolist(), x.reshape(len(y), -1).sum(1)))
   assert key(raw.x_train, raw.y_train) == key(*splits['mnist']['train'])
@@ -84,10 +84,10 @@ def test_svhn_trains_on_train_plus_extra(tfds_dir):
   data_dir, _ = tfds_dir
   c = tfds_config('svhn_cropped', data_dir, use_extra_split=True,
                   preset='svhn')
-  dataset = input_pipeline.load_dataset(c, 10)
+  dataset = input_pipeline.load_dataset(c.data, 10)
   assert (len(dataset.train), len(dataset.eval)) == (30 + 20, 10)
-  c.use_extra_split = False
-  assert len(input_pipeline.load_dataset(c, 10).train) == 30
+  c.data.use_extra_split = False
+  assert len(input_pipeline.load_dataset(c.data, 10).train) == 30
 
 
 def test_train_and_evaluate_on_mocked_tfds_mnist(tfds_dir, quickstart_config,
@@ -100,9 +100,9 @@ def test_train_and_evaluate_on_mocked_tfds_mnist(tfds_dir, quickstart_config,
       lambda *args, generator, serialized=False: [generator[k]
                                                   for k in args[-1]])
   c = quickstart_config
-  c.dataset, c.data_dir = 'tfds:mnist', str(data_dir)
-  c.batch_size, c.eval_batch_size, c.num_train_steps = 16, 32, 3
-  c.eval_every_steps = c.checkpoint_every_steps = 1000
+  c.data.dataset, c.data.data_dir = 'tfds:mnist', str(data_dir)
+  c.train.batch_size, c.train.eval_batch_size, c.train.num_train_steps = 16, 32, 3
+  c.train.eval_every_steps = c.train.checkpoint_every_steps = 1000
   with tfds.testing.mock_data(num_examples=48,
                               policy=tfds.testing.MockPolicy.USE_FILES,
                               data_dir=str(data_dir)):
@@ -120,7 +120,7 @@ def test_missing_tfds_dataset_fails_fast_and_says_what_to_do(
   assert time.time() - start < 5.0
   message = str(error.value)
   assert '\n' not in message
-  for hint in ('tfds:cifar10', '--config.data_dir', 'manual_dir',
+  for hint in ('tfds:cifar10', '--config.data.data_dir', 'manual_dir',
                'tfds build cifar10', 'npz:PATH'):
     assert hint in message
   assert not (tmp_path / 'run').exists()
@@ -139,11 +139,11 @@ def test_tfrecord_copy_is_refused(tmp_path):
 
 def test_imagenet_in_memory_and_misplaced_extra_are_refused(tmp_path):
   with pytest.raises(DataError, match='imagenet2012 does not fit in host'):
-    input_pipeline.load_raw(tfds_config('imagenet2012', tmp_path))
+    input_pipeline.load_raw(tfds_config('imagenet2012', tmp_path).data)
   c = config_lib.default_config()
-  c.dataset, c.use_extra_split = 'sklearn:digits', True
+  c.data.dataset, c.data.use_extra_split = 'sklearn:digits', True
   with pytest.raises(DataError, match='use_extra_split=True'):
-    input_pipeline.load_raw(c)
+    input_pipeline.load_raw(c.data)
 
 
 # ----------------------------------------------------- validation splits --
@@ -188,8 +188,8 @@ def test_svhn_validation_is_400_per_class_of_train_and_200_of_extra():
 
 def test_validation_split_of_a_small_set_is_its_last_sixth():
   c = config_lib.default_config()
-  c.dataset, c.validation_split, c.preset = 'sklearn:digits', True, 'quickstart'
-  dataset = input_pipeline.load_dataset(c, 10)
+  c.data.dataset, c.data.validation_split, c.model.preset = 'sklearn:digits', True, 'quickstart'
+  dataset = input_pipeline.load_dataset(c.data, 10)
   full = readers.load_digits()
   assert dataset.eval_name == 'validation'
   assert len(dataset.eval) == len(full[1]) // 6
@@ -406,31 +406,31 @@ def test_caffe_normalization_is_bgr_minus_the_mean():
 
 def test_load_split_gives_the_runs_splits_with_saved_statistics():
   c = config_lib.default_config()
-  c.update(dataset='sklearn:digits', preset='quickstart',
-           preprocessing='standardize', validation_split=True,
-           max_train_examples=1000)
-  dataset = input_pipeline.load_dataset(c, 10)
+  c.data.update(dataset='sklearn:digits', preprocessing='standardize',
+                validation_split=True, max_train_examples=1000)
+  c.model.preset = 'quickstart'
+  dataset = input_pipeline.load_dataset(c.data, 10)
   assert dataset.fitted.method == 'standardize'
   for split, expected in (('train', dataset.train),
                           ('validation', dataset.eval)):
-    loaded = input_pipeline.load_split(c, split, dataset.fitted, 10)
+    loaded = input_pipeline.load_split(c.data, split, dataset.fitted, 10)
     np.testing.assert_array_equal(loaded.images, expected.images)
     np.testing.assert_array_equal(loaded.labels, expected.labels)
-  test = input_pipeline.load_split(c, 'test', dataset.fitted, 10)
+  test = input_pipeline.load_split(c.data, 'test', dataset.fitted, 10)
   assert len(test) == 359 and test.images.dtype == np.float32
-  c.validation_split = False
+  c.data.validation_split = False
   with pytest.raises(DataError, match="held out no 'validation' split"):
-    input_pipeline.load_split(c, 'validation', dataset.fitted, 10)
+    input_pipeline.load_split(c.data, 'validation', dataset.fitted, 10)
 
 
 def test_tfds_test_split_read_alone_and_class_names(tfds_dir):
   data_dir, splits = tfds_dir
   c = tfds_config('mnist', data_dir)
-  x, y, max_value = input_pipeline.load_raw_test(c)
+  x, y, max_value = input_pipeline.load_raw_test(c.data)
   assert x.shape[1:] == (28, 28, 1) and max_value == 255.0
   assert sorted(y.tolist()) == sorted(splits['mnist']['test'][1].tolist())
-  assert input_pipeline.class_names(c, 10) == tuple('0123456789')
-  npz = config_lib.default_config()
+  assert input_pipeline.class_names(c.data, 10) == tuple('0123456789')
+  npz = config_lib.default_config().data
   npz.dataset = 'npz:/data/cifar10.npz'
   assert input_pipeline.class_names(npz, 10)[:2] == ('airplane', 'automobile')
   npz.dataset = 'npz:/data/digits.npz'

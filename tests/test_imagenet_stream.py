@@ -54,16 +54,17 @@ def imagenet_dir(tmp_path_factory):
 
 def imagenet_config(data_dir, **fields):
   c = config_lib.default_config()
-  c.update(preset='imagenet', dataset='tfds:imagenet2012',
-           data_dir=str(data_dir), preprocessing='standardize', augment=True,
-           image_size=SIZE, data_workers=2)
-  c.update(fields)
+  c.model.preset = 'imagenet'
+  c.data.update(dataset='tfds:imagenet2012', data_dir=str(data_dir),
+                preprocessing='standardize', augment=True, image_size=SIZE,
+                data_workers=2)
+  c.update(config_lib.upgrade(fields))  # Flat names: into their subtrees.
   return c
 
 
 @pytest.fixture(scope='module')
 def dataset(imagenet_dir):
-  return input_pipeline.load_dataset(imagenet_config(imagenet_dir), 1000)
+  return input_pipeline.load_dataset(imagenet_config(imagenet_dir).data, 1000)
 
 
 @pytest.fixture
@@ -230,7 +231,7 @@ def test_eval_covers_every_example_once_with_central_crops(dataset,
 
 def test_without_augment_training_uses_central_crops(imagenet_dir, sharding):
   plain = input_pipeline.load_dataset(
-      imagenet_config(imagenet_dir, augment=False), 1000)
+      imagenet_config(imagenet_dir, augment=False).data, 1000)
   [(images, _)] = host_batches(
       input_pipeline.train_batches(plain.train, 0, 4, 0, sharding), 1)
   idx = input_pipeline.train_batch_indices(0, 0, 4, 40)
@@ -276,46 +277,46 @@ def test_closing_the_iterator_stops_its_threads(dataset, sharding, taken):
 def test_streamed_config_errors_name_the_field(imagenet_dir):
   c = imagenet_config(imagenet_dir, preprocessing='gcn_zca')
   with pytest.raises(config_lib.ConfigError,
-                     match=r"config\.preprocessing='gcn_zca'.*streamed"):
-    config_lib.validate_config(c)
-  with pytest.raises(config_lib.ConfigError, match=r'config\.validation_split'):
-    config_lib.validate_config(imagenet_config(imagenet_dir,
+                     match=r"config\.data\.preprocessing='gcn_zca'.*streamed"):
+    train.validate_config(c)
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.validation_split'):
+    train.validate_config(imagenet_config(imagenet_dir,
                                                validation_split=True))
   cifar = config_lib.default_config()
-  cifar.image_size = 64
+  cifar.data.image_size = 64
   with pytest.raises(config_lib.ConfigError,
-                     match=r'config\.image_size=64.*set it to 0'):
-    config_lib.validate_config(cifar)
+                     match=r'config\.data\.image_size=64.*set it to 0'):
+    train.validate_config(cifar)
   c = imagenet_config(imagenet_dir, image_size=8)
-  with pytest.raises(config_lib.ConfigError, match='raise config.image_size'):
+  with pytest.raises(config_lib.ConfigError, match='raise config.data.image_size'):
     config_lib.check_image_size(c, 8, 8, 3)
   assert config_lib.streamed_image_size(imagenet_config(
       imagenet_dir, image_size=0)) == 224
   with pytest.raises(DataError, match='1000 classes but the preset has 10'):
-    input_pipeline.load_dataset(imagenet_config(imagenet_dir), 10)
+    input_pipeline.load_dataset(imagenet_config(imagenet_dir).data, 10)
 
 
 def test_missing_imagenet_fails_fast(tmp_path):
   start = time.time()
   with pytest.raises(DataError, match='no prepared copy.*tfds build '
                      'imagenet2012'):
-    input_pipeline.load_dataset(imagenet_config(tmp_path / 'none'), 1000)
+    input_pipeline.load_dataset(imagenet_config(tmp_path / 'none').data, 1000)
   assert time.time() - start < 1.0
 
 
 def test_device_normalization_and_no_device_augment(imagenet_dir):
   c = imagenet_config(imagenet_dir)
-  assert input_pipeline.device_augment_fn(c) is None
+  assert input_pipeline.device_augment_fn(c.data) is None
   pixels = np.arange(24, dtype=np.uint8).reshape(1, 2, 4, 3) * 10
-  out = np.asarray(input_pipeline.device_normalize_fn(c)(pixels))
+  out = np.asarray(input_pipeline.device_normalize_fn(c.data)(pixels))
   mean = np.array([0.485, 0.456, 0.406]) * 255
   std = np.array([0.229, 0.224, 0.225]) * 255
   np.testing.assert_allclose(out, (pixels - mean) / std, rtol=1e-5)
-  c.preprocessing = 'scale'
+  c.data.preprocessing = 'scale'
   np.testing.assert_allclose(
-      np.asarray(input_pipeline.device_normalize_fn(c)(pixels)),
+      np.asarray(input_pipeline.device_normalize_fn(c.data)(pixels)),
       pixels / 255.0, rtol=1e-6)
-  assert input_pipeline.device_normalize_fn(config_lib.default_config()) is None
+  assert input_pipeline.device_normalize_fn(config_lib.default_config().data) is None
 
 
 def test_train_and_evaluate_streams_imagenet(imagenet_dir, tmp_path,

@@ -54,10 +54,11 @@ def run(tmp_path_factory):
                   x_test=f['x_test'][:500], y_test=f['y_test'][:500])
   np.savez(root / 'mnist.npz', **arrays)
   c = config_lib.sibling_config(__file__, '../configs/mnist.py')
-  c.update(dataset=f'npz:{root / "mnist.npz"}', batch_size=32,
-           eval_batch_size=250, num_train_steps=STEPS, schedule='cosine',
-           eval_every_steps=30, checkpoint_every_steps=30, log_every_steps=30,
-           last_layer_lr_mult=1.0)
+  c.data.dataset = f'npz:{root / "mnist.npz"}'
+  c.train.update(batch_size=32, eval_batch_size=250, num_train_steps=STEPS,
+                 eval_every_steps=30, checkpoint_every_steps=30,
+                 log_every_steps=30)
+  c.optim.update(schedule='cosine', last_layer_lr_mult=1.0)
   c.model.dropout_rate = 0.0
   workdir = str(root / 'workdir')
   result = train.train_and_evaluate(c, workdir)

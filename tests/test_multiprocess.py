@@ -28,10 +28,10 @@ from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top
 import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 STEPS = 20
-ARGS = ['--config=configs/quickstart.py', f'--config.num_train_steps={STEPS}',
-        '--config.checkpoint_every_steps=10', '--config.eval_every_steps=10',
-        '--config.log_every_steps=1', '--config.keep_checkpoints=5',
-        '--config.eval_batch_size=360']
+ARGS = ['--config=configs/quickstart.py', f'--config.train.num_train_steps={STEPS}',
+        '--config.train.checkpoint_every_steps=10', '--config.train.eval_every_steps=10',
+        '--config.train.log_every_steps=1', '--config.train.keep_checkpoints=5',
+        '--config.train.eval_batch_size=360']
 # First-step losses of different topologies: one forward pass apart in
 # rounding (measured about 1e-7 relative).
 FIRST_STEPS_RTOL = 1e-5
@@ -216,7 +216,7 @@ def test_checkpoints_move_between_topologies(runs, tmp_path):
   single = tmp_path / 'single'
   copy_checkpoint(two, 10, single)
   code, logs = run(single, 1, 1, tmp_path,
-                   extra=['--config.checkpoint_every_steps=5'])
+                   extra=['--config.train.checkpoint_every_steps=5'])
   assert code == 0, log_text(logs)[-3000:]
   assert 'Resumed from the checkpoint at step 10' in log_text(logs)
   back = tmp_path / 'back'
@@ -298,7 +298,7 @@ def start_endless_run(tmp_path):
        '--num_processes=2', '--devices_per_process=1',
        f'--log_dir={tmp_path / "logs"}', '--timeout=200', '--',
        '--config=configs/quickstart.py', f'--workdir={tmp_path / "run"}',
-       '--config.num_train_steps=100000', '--config.log_every_steps=1'],
+       '--config.train.num_train_steps=100000', '--config.train.log_every_steps=1'],
       cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   metrics_file = tmp_path / 'run' / 'metrics.jsonl'
   deadline = time.time() + 150

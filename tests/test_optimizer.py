@@ -29,10 +29,10 @@ def test_labels_find_biases_and_the_class_map_layer():
 
 def test_decay_on_weights_only_and_lr_multipliers():
   c = config_lib.default_config()
-  c.schedule, c.momentum = 'constant', 0.0
-  c.learning_rate, c.weight_decay = 0.5, 0.01
+  c.optim.schedule, c.optim.momentum = 'constant', 0.0
+  c.optim.learning_rate, c.optim.weight_decay = 0.5, 0.01
   params = cifar_params()
-  tx, _ = optimizer.create_optimizer(c, params, 10, 100)
+  tx, _ = optimizer.create_optimizer(c.optim, params, 10, 100)
   state = tx.init(params)
   # Zero gradient: only weight decay moves the weights, nothing moves biases.
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -42,8 +42,8 @@ def test_decay_on_weights_only_and_lr_multipliers():
                              -0.5 * 0.01 * w, rtol=1e-5)
   assert float(jnp.abs(updates['mlpconv1']['conv']['bias']).max()) == 0.0
   # Unit gradient: biases x2, the class-map layer x0.1 (biases x0.2).
-  c.weight_decay = 0.0
-  tx, _ = optimizer.create_optimizer(c, params, 10, 100)
+  c.optim.weight_decay = 0.0
+  tx, _ = optimizer.create_optimizer(c.optim, params, 10, 100)
   ones = jax.tree.map(jnp.ones_like, params)
   updates, _ = tx.update(ones, tx.init(params), params)
   np.testing.assert_allclose(updates['mlpconv1']['conv']['bias'], -1.0)
@@ -55,8 +55,8 @@ def test_decay_on_weights_only_and_lr_multipliers():
 
 def schedule_values(**fields):
   c = config_lib.default_config()
-  c.update(fields)
-  _, schedule = optimizer.create_optimizer(c, {'w': jnp.zeros(2)}, 10, 100)
+  c.optim.update(fields)
+  _, schedule = optimizer.create_optimizer(c.optim, {'w': jnp.zeros(2)}, 10, 100)
   return [float(schedule(s)) for s in (0, 9, 10, 29, 30, 99)]
 
 
@@ -75,10 +75,10 @@ def test_step_cosine_one_cycle_warmup():
 
 def test_plateau_divides_by_ten_at_most_twice():
   c = config_lib.default_config()
-  c.schedule, c.learning_rate = 'plateau', 1.0
-  c.plateau_patience_epochs, c.plateau_max_reductions = 2, 2
+  c.optim.schedule, c.optim.learning_rate = 'plateau', 1.0
+  c.optim.plateau_patience_epochs, c.optim.plateau_max_reductions = 2, 2
   params = {'w': jnp.ones(3)}
-  tx, schedule = optimizer.create_optimizer(c, params, steps_per_epoch=4,
+  tx, schedule = optimizer.create_optimizer(c.optim, params, steps_per_epoch=4,
                                             num_steps=1000)
   state = tx.init(params)
   grads = {'w': jnp.zeros(3)}

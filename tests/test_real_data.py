@@ -20,13 +20,13 @@ def mnist_path():
 
 def test_mnist_preset_learns_real_mnist(tmp_path):
   c = config_lib.sibling_config(__file__, '../configs/mnist.py')
-  c.dataset = f'npz:{mnist_path()}'
-  c.max_train_examples = 20_000
-  c.batch_size = 64
-  c.num_train_steps = 300
-  c.schedule = 'cosine'
-  c.eval_every_steps = 10_000
-  c.checkpoint_every_steps = 10_000
+  c.data.dataset = f'npz:{mnist_path()}'
+  c.data.max_train_examples = 20_000
+  c.train.batch_size = 64
+  c.train.num_train_steps = 300
+  c.optim.schedule = 'cosine'
+  c.train.eval_every_steps = 10_000
+  c.train.checkpoint_every_steps = 10_000
   result = train.train_and_evaluate(c, str(tmp_path / 'mnist'))
   assert result['examples'] == 10_000  # The whole official test set.
   # A broken pipeline (labels shuffled, images misaligned) stays near 10%.

@@ -25,9 +25,9 @@ from nin_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 24
-ARGS = ['--config=configs/quickstart.py', f'--config.num_train_steps={STEPS}',
-        '--config.checkpoint_every_steps=6', '--config.eval_every_steps=8',
-        '--config.log_every_steps=1', '--config.keep_checkpoints=10']
+ARGS = ['--config=configs/quickstart.py', f'--config.train.num_train_steps={STEPS}',
+        '--config.train.checkpoint_every_steps=6', '--config.train.eval_every_steps=8',
+        '--config.train.log_every_steps=1', '--config.train.keep_checkpoints=10']
 
 # Runs nin_jax.main with a fault injected at a chosen point, in-process:
 #   step:N   SIGKILL while logging train step N (between steps)
@@ -228,7 +228,7 @@ def corrupt_remove_metadata(step_dir):
 def run_to_18(tmp_path_factory):
   """A workdir trained to step 18 (checkpoints at 6, 12, 18), to damage."""
   workdir = tmp_path_factory.mktemp('to18') / 'run'
-  code, err = finish(launch(workdir, extra=['--config.num_train_steps=18']))
+  code, err = finish(launch(workdir, extra=['--config.train.num_train_steps=18']))
   assert code == 0, err[-3000:]
   return workdir
 
@@ -249,7 +249,7 @@ def test_damaged_newest_checkpoint_falls_back(reference, run_to_18, tmp_path,
 
 def test_checkpoint_of_another_model_is_refused(tmp_path, quickstart_config):
   c = quickstart_config
-  c.num_train_steps = 2
+  c.train.num_train_steps = 2
   workdir = str(tmp_path / 'run')
   train.train_and_evaluate(c, workdir)
   (pathlib.Path(workdir) / 'config.json').unlink()  # Bypass the config check.
@@ -263,7 +263,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, quickstart_config):
 def test_disk_full_during_save_keeps_the_previous_checkpoint(
     tmp_path, quickstart_config, monkeypatch):
   c = quickstart_config
-  c.num_train_steps, c.checkpoint_every_steps = 12, 6
+  c.train.num_train_steps, c.train.checkpoint_every_steps = 12, 6
   workdir = tmp_path / 'full'
   save = checkpoints.save
 

@@ -9,6 +9,7 @@ import pytest
 from nin_jax import config_lib
 from nin_jax import datasets
 from nin_jax import errors
+from nin_jax import train
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nin_jax'
 
@@ -115,9 +116,9 @@ def test_npz_files_named_after_a_dataset_take_its_properties():
 @pytest.mark.parametrize('bad', ['cifar10', 'tfds:', 'tfds:fashion_mnist',
                                  'sklearn:iris', 'hdf5:x.h5', ':x'])
 def test_unknown_datasets_are_config_errors_naming_the_field(bad):
-  with pytest.raises(errors.ConfigError, match=r'config\.dataset='):
+  with pytest.raises(errors.ConfigError, match=r'config\.data\.dataset='):
     datasets.lookup(bad)
   c = config_lib.default_config()
-  c.dataset = bad
-  with pytest.raises(config_lib.ConfigError, match=r'config\.dataset='):
-    config_lib.validate_config(c)
+  c.data.dataset = bad
+  with pytest.raises(config_lib.ConfigError, match=r'config\.data\.dataset='):
+    train.validate_config(c)

@@ -11,6 +11,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import metric_writers
 from nin_jax import train
@@ -19,21 +20,21 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def short(config, steps=30, **fields):
-  config.num_train_steps = steps
-  config.schedule = 'step'
-  config.lr_boundaries_epochs = (1.0,)
-  config.log_every_steps = 1
-  config.eval_every_steps = 10_000
-  config.checkpoint_every_steps = 10
-  config.update(fields)
+  config.train.num_train_steps = steps
+  config.optim.schedule = 'step'
+  config.optim.lr_boundaries_epochs = (1.0,)
+  config.train.log_every_steps = 1
+  config.train.eval_every_steps = 10_000
+  config.train.checkpoint_every_steps = 10
+  config.update(config_lib.upgrade(fields))  # Flat names: into subtrees.
   return config
 
 
 def test_train_steps_lower_the_loss_on_a_fixed_batch(quickstart_config):
   c = quickstart_config
-  c.augment = False
+  c.data.augment = False
   c.model.dropout_rate = 0.0
-  c.learning_rate = 0.05
+  c.optim.learning_rate = 0.05
   rng = np.random.default_rng(0)
   images = rng.uniform(size=(32, 8, 8, 1)).astype(np.float32)
   labels = rng.integers(0, 10, 32).astype(np.int32)
@@ -69,7 +70,7 @@ def test_quickstart_learns_writes_and_resumes(quickstart_config, tmp_path,
   assert (pathlib.Path(workdir) / 'config.json').exists()
   steps = sorted(int(p.name) for p in (pathlib.Path(workdir) /
                                        'checkpoints').iterdir())
-  assert steps[-1] == total and len(steps) <= quickstart_config.keep_checkpoints
+  assert steps[-1] == total and len(steps) <= quickstart_config.train.keep_checkpoints
 
   again = train.train_and_evaluate(quickstart_config, workdir)
   assert again['step'] == total
@@ -142,10 +143,10 @@ spec = importlib.util.spec_from_file_location('q', sys.argv[1])
 m = importlib.util.module_from_spec(spec); spec.loader.exec_module(m)
 from nin_jax import train, metric_writers
 c = m.get_config()
-c.num_train_steps = 3
-c.log_every_steps = 1
-c.eval_every_steps = 3
-c.checkpoint_every_steps = 3
+c.train.num_train_steps = 3
+c.train.log_every_steps = 1
+c.train.eval_every_steps = 3
+c.train.checkpoint_every_steps = 3
 result = train.train_and_evaluate(c, sys.argv[2])
 losses = [r['loss'] for r in metric_writers.read_metrics(sys.argv[2])
           if r['split'] == 'train']
@@ -206,8 +207,8 @@ def overflowing_run(config, tmp_path, schedule='step', **fields):
             schedule=schedule)
   workdir = str(tmp_path / 'overflow')
   train.train_and_evaluate(c, workdir)
-  c.num_train_steps, c.learning_rate = 8, 1e300
-  c.update(fields)
+  c.train.num_train_steps, c.optim.learning_rate = 8, 1e300
+  c.update(config_lib.upgrade(fields))
   return c, workdir
 
 
@@ -284,7 +285,7 @@ def test_images_per_second_count_training_time_alone(quickstart_config,
   now = [0.0]
   monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
   c = quickstart_config
-  c.batch_size, c.log_every_steps = 10, 4
+  c.train.batch_size, c.train.log_every_steps = 10, 4
   writer = FakeWriter()
   log = train.TrainLog(c, writer, steps_per_epoch=100, total_steps=8,
                        num_classes=10)
@@ -327,7 +328,7 @@ def test_metrics_leave_the_device_only_at_log_eval_and_save_steps(
 def test_nonfinite_step_is_reported_at_its_own_step_when_fetched_late(
     quickstart_config):
   c = quickstart_config
-  c.log_every_steps = 10
+  c.train.log_every_steps = 10
   log = train.TrainLog(c, FakeWriter(), 100, 100, 10)
   for done, finite in ((1, True), (2, True), (3, False), (4, False)):
     log.record(done, step_metrics(float('nan') if not finite else 1.0,
