@@ -367,7 +367,10 @@ class NiN(nn.Module):
   Input [batch, height, width, channels] (any size the pools can reduce);
   output logits [batch, num_classes]. With `train=True` dropout is active and
   needs a 'dropout' RNG; with `batch_norm` the 'batch_stats' collection is
-  updated. `conv` makes every convolution (see `MlpConv`).
+  updated. `conv` makes every convolution (see `MlpConv`). The GAP head sows
+  its input, the class maps [batch, h, w, num_classes], as
+  ('intermediates', 'class_maps') when applied with
+  `mutable=['intermediates']` (otherwise nothing is stored).
   """
   blocks: tuple[BlockSpec, ...]
   num_classes: int
@@ -412,6 +415,9 @@ class NiN(nn.Module):
       if block.dropout and self.dropout_rate > 0:
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
     if self.head == 'gap':
+      # The class maps [batch, h, w, classes] (the paper's Figure 4), kept
+      # only when 'intermediates' is mutable (experiments/confidence_maps.py).
+      self.sow('intermediates', 'class_maps', x)
       logits = global_average_pool(x)
     else:
       x = x.reshape((x.shape[0], -1))

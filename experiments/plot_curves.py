@@ -1,0 +1,173 @@
+r"""Training curves of one or more workdirs: loss and test error, per epoch
+and per wall-clock time.
+
+  python experiments/plot_curves.py runs/quickstart runs/other --out=curves.png
+
+A 2x2 figure: the training loss (left) and the evaluation error (right)
+against the epoch (top) and against wall time (bottom), one line per
+workdir, labelled from its config (`label`). Everything comes from
+WORKDIR/metrics.jsonl (`metric_writers.read_metrics`): the 'train' records
+(the means of each log window: step, epoch, loss, ...) and the evaluation
+records (split 'test', or 'validation' for a run that held one out: step,
+error, ...; they have no epoch, which is step / steps per epoch, the ratio
+the train records give). Wall time is each record's `time` (when it was
+written) minus that of the workdir's first record: the time before the first
+log window (start-up, compilation) is not counted, and a resumed run's
+downtime is. Needs matplotlib (`pip install -e '.[plot]'`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import pathlib
+import sys
+from typing import Any, NamedTuple, Optional, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import matplotlib
+matplotlib.use('Agg')
+from matplotlib import figure as mpl_figure
+import matplotlib.pyplot as plt
+import ml_collections
+import numpy as np
+
+from nin_jax import cli
+from nin_jax import inference
+from nin_jax import metric_writers
+
+DPI = 100
+# (seconds per unit, name), the largest unit that keeps 2 or more of them.
+TIME_UNITS = ((3600.0, 'h'), (60.0, 'min'), (1.0, 's'))
+
+
+def label(config: ml_collections.ConfigDict) -> str:
+  """A run's legend entry from its config: preset, dataset, init, BatchNorm,
+  and the head when it is not GAP (e.g. 'quickstart, digits, modern + BN')."""
+  dataset = config.dataset.split(':', 1)[-1]
+  dataset = pathlib.PurePath(dataset).stem if '/' in dataset else dataset
+  model = config.model
+  text = (f'{config.preset}, {dataset}, {model.weight_init}'
+          f'{" + BN" if model.batch_norm else ""}')
+  return text if model.head == 'gap' else f'{text}, {model.head} head'
+
+
+class Run(NamedTuple):
+  """One workdir's curves. `train`: {'epoch', 'seconds', 'loss'} arrays, one
+  entry per log window; `eval`: {'epoch', 'seconds', 'error'} arrays, one
+  per evaluation of split `eval_split`."""
+  workdir: str
+  label: str
+  train: dict[str, np.ndarray]
+  eval: dict[str, np.ndarray]
+  eval_split: str
+
+
+def _first_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+  """The first record of each (split, step), by step: a finished run that
+  is resumed evaluates its last step again (same checkpoint, later time)."""
+  first = {}
+  for r in records:
+    first.setdefault((r['split'], int(r['step'])), r)
+  return sorted(first.values(), key=lambda r: int(r['step']))
+
+
+def read_run(workdir: str) -> Run:
+  """The curves of `workdir`; WorkdirError if it is not a workdir or has no
+  train records in metrics.jsonl."""
+  local = pathlib.Path(workdir) if '://' not in workdir else None
+  if local and not local.is_dir():
+    raise inference.WorkdirError(f'{workdir} is not a directory, so not a '
+                                 f'nin-jax workdir.')
+  if local and not (local / 'config.json').exists():
+    raise inference.WorkdirError(f'{workdir} holds no config.json: not a '
+                                 f'nin-jax workdir.')
+  config = inference.read_config(workdir)
+  records = _first_per_step(metric_writers.read_metrics(workdir))
+  train = [r for r in records if r['split'] == 'train']
+  evals = [r for r in records if r['split'] != 'train']
+  if not train:
+    raise inference.WorkdirError(
+        f'{workdir}/metrics.jsonl is missing or has no train records: the '
+        f'run has not logged anything yet.')
+  start = min(float(r['time']) for r in records)
+  steps_per_epoch = int(train[-1]['step']) / float(train[-1]['epoch'])
+  column = lambda rs, key: np.array([float(r[key]) for r in rs])
+  return Run(
+      workdir, label(config),
+      {'epoch': column(train, 'epoch'),
+       'seconds': column(train, 'time') - start,
+       'loss': column(train, 'loss')},
+      {'epoch': column(evals, 'step') / steps_per_epoch,
+       'seconds': column(evals, 'time') - start,
+       'error': column(evals, 'error')},
+      '/'.join(sorted({r['split'] for r in evals})) or 'test')
+
+
+def _time_unit(runs: Sequence[Run]) -> tuple[float, str]:
+  longest = max([0.0] + [float(s.max()) for run in runs
+                         for s in (run.train['seconds'], run.eval['seconds'])
+                         if s.size])
+  return next((u for u in TIME_UNITS if longest >= 2 * u[0]), TIME_UNITS[-1])
+
+
+def _legend_labels(runs: Sequence[Run]) -> list[str]:
+  """Each run's label, with its workdir's name where two labels are equal."""
+  counts = collections.Counter(run.label for run in runs)
+  return [run.label if counts[run.label] == 1 else
+          f'{run.label} ({pathlib.PurePath(run.workdir).name})'
+          for run in runs]
+
+
+def plot(runs: Sequence[Run]) -> mpl_figure.Figure:
+  """The 2x2 figure: rows epoch / wall time, columns train loss / eval error
+  (%); one line per run, one legend below."""
+  unit_seconds, unit = _time_unit(runs)
+  splits = sorted({run.eval_split for run in runs})
+  fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout='constrained')
+  for run, text in zip(runs, _legend_labels(runs)):
+    color = None
+    for row, x in enumerate(('epoch', 'seconds')):
+      scale = unit_seconds if x == 'seconds' else 1.0
+      line, = axes[row, 0].plot(run.train[x] / scale, run.train['loss'],
+                                color=color, label=text)
+      color = line.get_color()
+      axes[row, 1].plot(run.eval[x] / scale, 100 * run.eval['error'],
+                        color=color, marker='.', label=text)
+  for row, xlabel in enumerate(
+      ('epoch', f'wall time since the first logged record ({unit})')):
+    axes[row, 0].set_ylabel('train loss (log scale)')
+    axes[row, 0].set_yscale('log')
+    axes[row, 1].set_ylabel(f'{"/".join(splits)} error (%)')
+    for ax in axes[row]:
+      ax.set_xlabel(xlabel)
+      ax.grid(True, alpha=0.3)
+  handles, texts = axes[0, 0].get_legend_handles_labels()
+  fig.legend(handles, texts, loc='outside lower center',
+             ncols=min(len(runs), 2), fontsize=9)
+  return fig
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  parser.add_argument('workdirs', nargs='+', metavar='WORKDIR',
+                      help='training workdirs (with metrics.jsonl)')
+  parser.add_argument('--out', required=True, help='the PNG to write')
+  return parser.parse_args(argv)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  args = parse_args(argv)
+  with cli.user_errors():  # A user's mistake: one line, exit status 2.
+    runs = [read_run(workdir) for workdir in args.workdirs]
+  fig = plot(runs)
+  fig.savefig(args.out, dpi=DPI)
+  plt.close(fig)
+  print(f'plot_curves: wrote {args.out}', flush=True)
+
+
+if __name__ == '__main__':
+  main()
