@@ -92,10 +92,10 @@ def _raw_split(c: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Unnormalized images [n, h, w, c] and labels [n] of an in-memory split,
   in the order `input_pipeline.load_split` gives them."""
   if split == 'test':
-    x, y, _ = input_pipeline.load_raw_test(c)
+    x, y, _ = input_pipeline.load_raw_test(c.data)
     return x, y
   x_train, y_train, x_eval, y_eval, _ = input_pipeline.split_raw(
-      c, input_pipeline.load_raw(c))
+      c.data, input_pipeline.load_raw(c.data))
   return (x_train, y_train) if split == 'train' else (x_eval, y_eval)
 
 
@@ -107,7 +107,7 @@ def load_examples(trained: inference.TrainedModel, split: str,
   `split` ('' the run's evaluation split). `config_overrides`: dataset,
   data_dir, if the data moved."""
   c = trained.config.copy_and_resolve_references()
-  c.update(config_overrides)
+  c.data.update(config_overrides)
   data, normalize = inference.eval_split(c, trained.spec, split)
   indices = np.arange(min(num_images, len(data)))
   reader = data.open()
@@ -120,12 +120,12 @@ def load_examples(trained: inference.TrainedModel, split: str,
             batch['label'])
   # In memory: eval_split normalized the split on the host; show the same
   # rows before normalization.
-  split = split or ('validation' if c.validation_split else 'test')
+  split = split or ('validation' if c.data.validation_split else 'test')
   pixels, labels = (a[indices] for a in _raw_split(c, split))
   if not np.array_equal(labels, batch['label']):
     raise input_pipeline.DataError(
-        f'{c.dataset} {split}: the unnormalized split is not in the order of '
-        f'the evaluated one (labels differ).')
+        f'{c.data.dataset} {split}: the unnormalized split is not in the '
+        f'order of the evaluated one (labels differ).')
   return pixels, batch['image'], batch['label']
 
 
@@ -223,9 +223,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                       help='class maps per row (the highest-scoring ones '
                       'when the model has more classes)')
   parser.add_argument('--dataset', default=None,
-                      help='overrides config.dataset (npz:PATH, tfds:NAME)')
+                      help='overrides config.data.dataset (npz:PATH, tfds:NAME)')
   parser.add_argument('--data_dir', default=None,
-                      help='overrides config.data_dir (TFDS)')
+                      help='overrides config.data.data_dir (TFDS)')
   args = parser.parse_args(argv)
   if args.num_images < 1 or args.max_classes < 1:
     parser.error('--num_images and --max_classes must be at least 1.')

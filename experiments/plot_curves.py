@@ -47,10 +47,10 @@ TIME_UNITS = ((3600.0, 'h'), (60.0, 'min'), (1.0, 's'))
 def label(config: ml_collections.ConfigDict) -> str:
   """A run's legend entry from its config: preset, dataset, init, BatchNorm,
   and the head when it is not GAP (e.g. 'quickstart, digits, modern + BN')."""
-  dataset = config.dataset.split(':', 1)[-1]
+  dataset = config.data.dataset.split(':', 1)[-1]
   dataset = pathlib.PurePath(dataset).stem if '/' in dataset else dataset
   model = config.model
-  text = (f'{config.preset}, {dataset}, {model.weight_init}'
+  text = (f'{model.preset}, {dataset}, {model.weight_init}'
           f'{" + BN" if model.batch_norm else ""}')
   return text if model.head == 'gap' else f'{text}, {model.head} head'
 

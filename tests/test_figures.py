@@ -44,7 +44,7 @@ def workdir(tmp_path_factory):
   """configs/quickstart.py trained 44 steps (about 10 s): a GAP model with
   BatchNorm, logged at steps 20, 40, 44 and evaluated at 22 and 44."""
   c = config_lib.load_config_file(str(REPO / 'configs' / 'quickstart.py'))
-  c.num_train_steps = STEPS
+  c.train.num_train_steps = STEPS
   path = str(tmp_path_factory.mktemp('figures') / 'quickstart')
   train.train_and_evaluate(c, path)
   return path
@@ -95,7 +95,8 @@ def test_class_maps_are_what_the_logits_average(workdir):
   _, inputs, labels = confidence_maps.load_examples(trained, 'test', 16)
   plain = trained.model.apply(trained.variables, inputs, train=False)
   np.testing.assert_allclose(result.logits, plain, rtol=1e-6, atol=1e-6)
-  x_test, y_test, max_value = input_pipeline.load_raw_test(trained.config)
+  x_test, y_test, max_value = input_pipeline.load_raw_test(
+      trained.config.data)
   np.testing.assert_array_equal(result.pixels, x_test[:16])
   np.testing.assert_array_equal(result.labels, y_test[:16])
   np.testing.assert_array_equal(labels, y_test[:16])
@@ -182,7 +183,7 @@ def test_plot_marks_classes_on_one_colour_scale():
 def test_label_reads_preset_dataset_init_bn_head(quickstart_config):
   c = quickstart_config
   assert plot_curves.label(c) == 'quickstart, digits, modern + BN'
-  c.dataset = 'npz:/data/mnist/mnist.npz'
+  c.data.dataset = 'npz:/data/mnist/mnist.npz'
   c.model.update(batch_norm=False, weight_init='faithful', head='fc')
   assert plot_curves.label(c) == 'quickstart, mnist, faithful, fc head'
 
