@@ -648,9 +648,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   eval_every = c.train.eval_every_steps or trainer.steps_per_epoch
   save_every = c.train.checkpoint_every_steps or trainer.steps_per_epoch
 
-  def evaluate_at(step: int) -> dict[str, Any]:
+  def evaluate_at(step: int, log: bool = True) -> dict[str, Any]:
     metrics = evaluate(trainer.eval_fn, state, pipeline.eval_iter())
-    writer.write(step, dataset.eval_name, metrics)
+    if log:
+      writer.write(step, dataset.eval_name, metrics)
     top5 = (f' top-5 {metrics["top5_accuracy"]:.4f}'
             if 'top5_accuracy' in metrics else '')
     logging.info('step %d %s: loss %.4f accuracy %.4f%s error %.4f', step,
@@ -659,8 +660,13 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
     return metrics
 
   # A finished run resumed (to write what an older version did not) is
-  # evaluated again, and trains no further.
-  eval_metrics = evaluate_at(step) if step == total_steps else None
+  # evaluated again, and trains no further; its evaluation is logged only if
+  # it was not (metrics.jsonl keeps each step once).
+  eval_metrics = None
+  if step == total_steps:
+    eval_metrics = evaluate_at(step, log=not any(
+        r['step'] == step and r['split'] == dataset.eval_name
+        for r in metric_writers.read_metrics(workdir)))
   batches = pipeline.train_iter(start_step)
   try:
     with _PreemptionFlag() as preempted:

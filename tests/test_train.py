@@ -355,9 +355,9 @@ def test_a_finished_run_resumed_evaluates_and_trains_no_further(
   again = train.train_and_evaluate(c, workdir)
   assert again['step'] == first['step'] == 3
   assert again['accuracy'] == first['accuracy']
-  lines = [r for r in metric_writers.read_metrics(workdir)
-           if r['split'] == 'train']
-  assert [r['step'] for r in lines] == [1, 2, 3]
+  records = metric_writers.read_metrics(workdir)
+  assert [r['step'] for r in records if r['split'] == 'train'] == [1, 2, 3]
+  assert [r['step'] for r in records if r['split'] == 'test'] == [3]
 
 
 def test_pipeline_batches_are_dicts_and_close(quickstart_config):
