@@ -7,8 +7,12 @@ file: loss, gradients, optimizer update, dropout, augmentation if the config
 has it), run on random data. Each figure is the median over repeated steps
 after warm-up, every step ending in `block_until_ready`. When PyTorch is
 installed (`pip install -e '.[bench]'`), the PyTorch NiN of
-experiments/torch_nin.py runs in the same process, in rounds that alternate
-with nin-jax's, and the ratios are printed. `--json` prints one JSON object.
+experiments/torch_nin.py runs too, in rounds that alternate with nin-jax's,
+and the ratios are printed. By default every round of every framework runs in
+a process of its own (`--processes own`: no framework's threads or memory
+share a process with the other's; each process compiles and warms up, then
+times); `--processes shared` runs them all in this one process. `--json`
+prints one JSON object.
 
 On the CPU backend the script applies the same automatic settings as
 `nin_jax.main` (virtual CPU devices, see nin_jax/runtime.py) unless
@@ -22,6 +26,7 @@ import argparse
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -91,9 +96,18 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       help='virtual CPU devices (default: automatic)')
   parser.add_argument('--torch', default='all',
                       help="'all', 'none' or a list of eager,compile,bf16")
+  parser.add_argument('--processes', default='own',
+                      choices=('own', 'shared'),
+                      help="'own': each framework's round in a process of its "
+                      "own; 'shared': all in this process")
   parser.add_argument('--json', action='store_true',
                       help='print one JSON object instead of a table')
-  return parser.parse_args(argv)
+  parser.add_argument('--only', default='', help=argparse.SUPPRESS)
+  args = parser.parse_args(argv)
+  for name in ('steps', 'rounds'):
+    if getattr(args, name) < 1:
+      parser.error(f'--{name} must be at least 1')
+  return args
 
 
 def configure_devices(args: argparse.Namespace, batch_sizes: tuple[int, ...]
@@ -258,67 +272,141 @@ def build_torch(c, variants: list[str], warmup: int
   return runners, info
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-  """Builds, warms up and times every variant; returns the results."""
-  variants, torch_missing = torch_variants(args.torch)
-  c = load_config(args)
+def build_jax(args: argparse.Namespace, c) -> tuple[JaxRunner, dict]:
+  """nin-jax's runner, compiled and warmed up, and what describes it."""
   auto_devices = configure_devices(
       args, (c.train.batch_size, c.train.eval_batch_size))
-  jax_runner = JaxRunner(c)
+  runner = JaxRunner(c)
   for _ in range(args.warmup):
-    jax_runner.train_step()
-    jax_runner.eval_step()
-  torch_runners, torch_info = build_torch(c, variants, args.warmup)
+    runner.train_step()
+    runner.eval_step()
+  device = jax.devices()[0]
+  return runner, {
+      'compile_seconds': runner.compile_seconds,
+      'flops_per_image': runner.flops_per_image,
+      'xla_flops_per_image': runner.xla_forward_flops_per_image(
+          c.train.eval_batch_size),
+      'backend': jax.default_backend(), 'platform': device.platform,
+      'device_kind': device.device_kind, 'devices': len(jax.devices()),
+      'auto_cpu_devices': auto_devices, 'conv_impl': conv_impl(c)}
+
+
+def build(args: argparse.Namespace, c, names: list[str]
+          ) -> tuple[dict[str, Any], dict[str, dict[str, Any]]]:
+  """Runners ('jax' and torch variants), warmed up, and each one's
+  description (a torch variant that fails to build: {'error'} only)."""
+  runners, info = {}, {}
+  if 'jax' in names:
+    runners['jax'], info['jax'] = build_jax(args, c)
+  variants = [n for n in names if n != 'jax']
+  torch_runners, info_torch = build_torch(c, variants, args.warmup)
   if torch_runners:
     import torch  # pylint: disable=g-import-not-at-top
-    torch_threads = torch.get_num_threads()
-  times = {'jax': ([], [])}
-  times.update({v: ([], []) for v in torch_runners})
-  for _ in range(args.rounds):
-    for name, runner in [('jax', jax_runner), *torch_runners.items()]:
-      time.sleep(0.2)  # Let the other framework's threads go idle.
-      times[name][0].extend(time_steps(runner.train_step, args.steps))
-      times[name][1].extend(time_steps(runner.eval_step, args.steps))
+    for variant in torch_runners:
+      info_torch[variant]['threads'] = torch.get_num_threads()
+  runners.update(torch_runners)
+  info.update(info_torch)
+  return runners, info
 
-  device = jax.devices()[0]
-  train_flops = 3 * jax_runner.flops_per_image
-  train_ips = c.train.batch_size / statistics.median(times['jax'][0])
-  eval_ips = c.train.eval_batch_size / statistics.median(times['jax'][1])
-  peak = (peak_flops(device.device_kind, c.model.dtype) if device.platform != 'cpu'
-          else None)
-  peak = peak * len(jax.devices()) if peak else None
+
+def measure(args: argparse.Namespace, names: list[str]
+            ) -> dict[str, dict[str, Any]]:
+  """Builds the frameworks `names` in this process, then times --rounds
+  rounds alternating between them: each one's description and samples."""
+  runners, samples = build(args, load_config(args), names)
+  for name in runners:
+    samples[name]['train_times'], samples[name]['eval_times'] = [], []
+  for _ in range(args.rounds):
+    for name, runner in runners.items():
+      time.sleep(0.2)  # Let the other framework's threads go idle.
+      samples[name]['train_times'] += time_steps(runner.train_step,
+                                                 args.steps)
+      samples[name]['eval_times'] += time_steps(runner.eval_step, args.steps)
+  return samples
+
+
+def measure_in_own_process(argv: list[str], name: str) -> dict[str, Any]:
+  """`measure(name)` for one round, in a new process of this script."""
+  argv = [a for a in argv if a != '--json']
+  proc = subprocess.run(
+      [sys.executable, __file__, *argv, '--rounds', '1', '--only', name,
+       '--json'], capture_output=True, text=True, check=False)
+  lines = proc.stdout.strip().splitlines()
+  if proc.returncode != 0 or not lines:
+    return {name: {'error': f'its process exited with {proc.returncode}: '
+                            f'{proc.stderr.strip()[-300:]}'}}
+  return json.loads(lines[-1])
+
+
+def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
+  """Times every framework, alternating rounds; returns the results."""
+  variants, torch_missing = torch_variants(args.torch)
+  names = ['jax', *variants]
+  samples: dict[str, dict[str, Any]] = {}
+  if args.processes == 'own':
+    for _ in range(args.rounds):
+      for name in names:
+        if 'error' in samples.get(name, {}):
+          continue
+        time.sleep(0.2)
+        out = measure_in_own_process(argv, name)[name]
+        if 'error' in out or name not in samples:
+          samples[name] = out
+        else:
+          for key in ('train_times', 'eval_times'):
+            samples[name][key] += out[key]
+    if 'error' in samples['jax']:
+      raise SystemExit(f'nin-jax: {samples["jax"]["error"]}')
+  else:
+    samples = measure(args, names)
+  c = load_config(args)
+  return summarize(args, c, samples, torch_missing)
+
+
+def summarize(args: argparse.Namespace, c, samples: dict[str, dict[str, Any]],
+              torch_missing: Optional[str]) -> dict[str, Any]:
+  """The result object from each framework's samples (medians, FLOP/s)."""
+  jax_ = samples['jax']
+  train_ips = c.train.batch_size / statistics.median(jax_['train_times'])
+  eval_ips = c.train.eval_batch_size / statistics.median(jax_['eval_times'])
+  flops = jax_['flops_per_image']
+  train_flops = 3 * flops
+  peak = (peak_flops(jax_['device_kind'], c.model.dtype)
+          if jax_['platform'] != 'cpu' else None)
+  peak = peak * jax_['devices'] if peak else None
   result = {
       'preset': c.model.preset, 'variant': args.variant or 'default',
       'batch_norm': bool(c.model.batch_norm), 'batch_size': c.train.batch_size,
       'eval_batch_size': c.train.eval_batch_size, 'dtype': c.model.dtype,
-      'backend': jax.default_backend(), 'device_kind': device.device_kind,
-      'devices': len(jax.devices()), 'auto_cpu_devices': auto_devices,
-      'conv_impl': conv_impl(c),
-      'compile_seconds': jax_runner.compile_seconds,
+      'backend': jax_['backend'], 'device_kind': jax_['device_kind'],
+      'devices': jax_['devices'], 'auto_cpu_devices': jax_['auto_cpu_devices'],
+      'conv_impl': jax_['conv_impl'], 'processes': args.processes,
+      'compile_seconds': jax_['compile_seconds'],
       'train_images_per_sec': train_ips, 'eval_images_per_sec': eval_ips,
-      'train_step_ms': 1e3 * statistics.median(times['jax'][0]),
-      'eval_step_ms': 1e3 * statistics.median(times['jax'][1]),
-      'forward_gflop_per_image': jax_runner.flops_per_image / 1e9,
-      'xla_forward_gflop_per_image': (
-          (jax_runner.xla_forward_flops_per_image(c.train.eval_batch_size) or 0)
-          / 1e9 or None),
+      'train_step_ms': 1e3 * statistics.median(jax_['train_times']),
+      'eval_step_ms': 1e3 * statistics.median(jax_['eval_times']),
+      'forward_gflop_per_image': flops / 1e9,
+      'xla_forward_gflop_per_image': (jax_['xla_flops_per_image'] or 0) / 1e9
+                                     or None,
       'train_gflop_per_sec': train_ips * train_flops / 1e9,
-      'eval_gflop_per_sec': eval_ips * jax_runner.flops_per_image / 1e9,
+      'eval_gflop_per_sec': eval_ips * flops / 1e9,
       'peak_tflop_per_sec': peak / 1e12 if peak else None,
       'train_mfu': train_ips * train_flops / peak if peak else None,
-      'eval_mfu': (eval_ips * jax_runner.flops_per_image / peak
-                   if peak else None),
+      'eval_mfu': eval_ips * flops / peak if peak else None,
       'steps': args.steps, 'rounds': args.rounds,
+      'timed_steps': len(jax_['train_times']),
       'torch': {}, 'torch_error': torch_missing, 'ratios': {},
   }
-  for variant, info in torch_info.items():
-    if variant in times:
+  for variant, info in samples.items():
+    if variant == 'jax':
+      continue
+    info = dict(info)
+    if 'train_times' in info:
       info['train_images_per_sec'] = c.train.batch_size / statistics.median(
-          times[variant][0])
+          info.pop('train_times'))
       # The torch peer evaluates a batch of --batch-size.
       info['eval_images_per_sec'] = c.train.batch_size / statistics.median(
-          times[variant][1])
-      info['threads'] = torch_threads
+          info.pop('eval_times'))
     result['torch'][variant] = info
   result['ratios'] = ratios(result)
   return result
@@ -358,7 +446,8 @@ def print_table(result: dict[str, Any]) -> None:
         f"{result['devices']} {result['backend']} device(s) "
         f"({result['device_kind']}), {result['conv_impl']} convolutions; "
         f"{result['steps']} steps x "
-        f"{result['rounds']} rounds, median")
+        f"{result['rounds']} rounds, median; "
+        f"{'each framework in its own processes' if result['processes'] == 'own' else 'all in one process'}")
   print(f"forward {result['forward_gflop_per_image']:.3f} GFLOP/image "
         f"(XLA counts {result['xla_forward_gflop_per_image'] or 0:.3f}"
         f"{', without the oneDNN calls' if result['conv_impl'] == 'onednn' else ''}); "
@@ -391,7 +480,10 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
-  result = run(args)
+  if args.only:
+    print(json.dumps(measure(args, [args.only])))
+    return
+  result = run(args, argv)
   if args.json:
     print(json.dumps(result))
   else:

@@ -29,12 +29,14 @@ def test_benchmark_quickstart_json(repo_root):
   out = subprocess.run(
       [sys.executable, str(repo_root / 'experiments' / 'benchmark.py'),
        '--preset', 'quickstart', '--batch-size', '16', '--steps', '2',
-       '--rounds', '1', '--warmup', '1', '--torch', torch_variants, '--json'],
+       '--rounds', '1', '--warmup', '1', '--torch', torch_variants,
+       '--processes', 'shared', '--json'],
       capture_output=True, text=True, timeout=120, env=env, check=True)
   result = json.loads(out.stdout.strip().splitlines()[-1])
   for field in BENCHMARK_FIELDS:
     assert field in result, field
   assert result['preset'] == 'quickstart' and result['batch_size'] == 16
+  assert result['processes'] == 'shared'
   assert result['dtype'] == 'float32'
   assert result['devices'] == result['auto_cpu_devices'] == 8
   assert result['train_images_per_sec'] > 0
@@ -49,7 +51,8 @@ def test_benchmark_quickstart_json(repo_root):
 
 
 def test_benchmark_without_torch_needs_no_torch(repo_root, tmp_path):
-  """`--torch none` must not import torch: here any import of it fails."""
+  """`--torch none` must not import torch: here any import of it fails. Runs
+  the default mode: each framework's rounds in processes of their own."""
   (tmp_path / 'torch').mkdir()
   (tmp_path / 'torch' / '__init__.py').write_text(
       "raise ImportError('torch imported although --torch none')\n")
@@ -58,13 +61,15 @@ def test_benchmark_without_torch_needs_no_torch(repo_root, tmp_path):
   out = subprocess.run(
       [sys.executable, str(repo_root / 'experiments' / 'benchmark.py'),
        '--preset', 'quickstart', '--batch-size', '8', '--steps', '1',
-       '--rounds', '1', '--warmup', '0', '--torch', 'none', '--devices', '1',
+       '--rounds', '2', '--warmup', '0', '--torch', 'none', '--devices', '1',
        '--json'],
       capture_output=True, text=True, timeout=120, env=env)
   assert out.returncode == 0, out.stderr[-3000:]
   result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['torch'] == {} and 'disabled' in result['torch_error']
   assert result['train_images_per_sec'] > 0
+  assert result['processes'] == 'own' and result['devices'] == 1
+  assert (result['steps'], result['rounds'], result['timed_steps']) == (1, 2, 2)
 
 
 def test_cifar10_forward_flops_are_the_papers_model():
