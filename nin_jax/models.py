@@ -429,10 +429,11 @@ class NiN(nn.Module):
     return logits.astype(jnp.float32)
 
 
-def _cifar_blocks(second_pool: str) -> tuple[BlockSpec, ...]:
+def _cifar_blocks(second_pool: str, first_stddevs: tuple[float, ...] = ()
+                  ) -> tuple[BlockSpec, ...]:
   return (
       BlockSpec((192, 160, 96), kernel_size=5, padding=2, pool='max',
-                dropout=True),
+                dropout=True, init_stddevs=first_stddevs),
       BlockSpec((192, 192, 192), kernel_size=5, padding=2, pool=second_pool,
                 dropout=True),
       BlockSpec((192, 192), kernel_size=3, padding=1),
@@ -452,7 +453,8 @@ PRESETS: dict[str, Preset] = {
     # cuda-convnet NIN/cifar10_def (max pooling); the Caffe model zoo file
     # uses average pooling after block 2: `second_pool='avg'`.
     'cifar10': Preset(_cifar_blocks('max'), 10, 32, 3),
-    'cifar100': Preset(_cifar_blocks('max'), 100, 32, 3),
+    # cuda-convnet NIN/cifar-100_def: conv1 N(0, 0.001), cccp1-2 N(0, 0.01).
+    'cifar100': Preset(_cifar_blocks('max', (0.001, 0.01, 0.01)), 100, 32, 3),
     'svhn': Preset((
         BlockSpec((128, 96, 64), kernel_size=5, padding=2, pool='max',
                   dropout=True),

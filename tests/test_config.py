@@ -229,6 +229,23 @@ def test_conv_impl_is_validated_and_free_to_change_on_resume(
     train.check_resume_compatible(c, str(workdir))
 
 
+def test_cifar100_faithful_variant_is_the_authors_solver():
+  """cuda-convnet NIN/cifar-100_params: epsW 0.01 x coeff 2 = lr 0.02 on every
+  layer (class maps included), biases x2, wc 0.001 x epsW 0.01 = 1e-5 per
+  step = weight decay 5e-4 at lr 0.02."""
+  c = config_lib.sibling_config(__file__, '../configs/cifar100.py',
+                                'faithful')
+  train.validate_config(c, num_devices=1)
+  assert (c.model.preset, c.model.weight_init, c.model.batch_norm) == (
+      'cifar100', 'faithful', False)
+  assert (c.optim.learning_rate, c.optim.bias_lr_mult,
+          c.optim.last_layer_lr_mult) == (0.02, 2.0, 1.0)
+  assert c.optim.learning_rate * c.optim.weight_decay == pytest.approx(1e-5)
+  default = config_lib.sibling_config(__file__, '../configs/cifar100.py')
+  assert (default.model.weight_init, default.optim.learning_rate) == (
+      'modern', 0.1)
+
+
 def test_imagenet_caffe_variant_is_the_zoo_solver():
   from nin_jax import optimizer  # pylint: disable=g-import-not-at-top
   c = config_lib.sibling_config(__file__, '../configs/imagenet.py', 'caffe')

@@ -326,6 +326,24 @@ def test_batch_norm_matches_flax(dtype):
                              evaluated[1].astype(float), atol=1e-6)
 
 
+def test_cifar100_faithful_init_is_the_authors_per_layer_std():
+  """cuda-convnet NIN/cifar-100_def: conv1 0.001, cccp1-2 0.01, the rest
+  0.05 (CIFAR-10 keeps 0.05 everywhere)."""
+  x = jnp.zeros((1, 32, 32, 3))
+  params = nin_jax.create_model('cifar100').init(jax.random.key(0), x)[
+      'params']
+  cifar10 = nin_jax.create_model('cifar10').init(jax.random.key(0), x)[
+      'params']
+  std = lambda p, block, layer: float(jnp.std(p[block][layer]['kernel']))
+  for block, layer, expected in (
+      ('mlpconv1', 'conv', 0.001), ('mlpconv1', 'cccp1', 0.01),
+      ('mlpconv1', 'cccp2', 0.01), ('mlpconv2', 'conv', 0.05),
+      ('mlpconv3', 'cccp2', 0.05)):
+    assert abs(std(params, block, layer) - expected) < 0.05 * expected, (
+        block, layer)
+  assert abs(std(cifar10, 'mlpconv1', 'conv') - 0.05) < 0.0025
+
+
 def test_imagenet_faithful_init_is_the_zoo_prototxts_per_layer_std():
   params = nin_jax.create_model('imagenet').init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']
