@@ -1,19 +1,21 @@
 r"""Training curves of one or more workdirs: loss and test error, per epoch
-and per wall-clock time.
+and per second of training.
 
   python experiments/plot_curves.py runs/quickstart runs/other --out=curves.png
 
 A 2x2 figure: the training loss (left) and the evaluation error (right)
-against the epoch (top) and against wall time (bottom), one line per
+against the epoch (top) and against time (bottom), one line per
 workdir, labelled from its config (`label`). Everything comes from
 WORKDIR/metrics.jsonl (`metric_writers.read_metrics`): the 'train' records
 (the means of each log window: step, epoch, loss, ...) and the evaluation
 records (split 'test', or 'validation' for a run that held one out: step,
 error, ...; they have no epoch, which is step / steps per epoch, the ratio
-the train records give). Wall time is each record's `time` (when it was
-written) minus that of the workdir's first record: the time before the first
-log window (start-up, compilation) is not counted, and a resumed run's
-downtime is. Needs matplotlib (`pip install -e '.[plot]'`).
+the train records give). Time is the training time the train records carry
+(`train_seconds`: the first, compiling step included, evaluations,
+checkpoints and a resumed run's downtime not), interpolated at each
+evaluation's step. Workdirs written before `train_seconds` existed fall back
+to wall time: each record's `time` minus that of the workdir's first record.
+Needs matplotlib (`pip install -e '.[plot]'`).
 """
 
 from __future__ import annotations
@@ -64,6 +66,7 @@ class Run(NamedTuple):
   train: dict[str, np.ndarray]
   eval: dict[str, np.ndarray]
   eval_split: str
+  clock: str  # What 'seconds' measures.
 
 
 def _first_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -93,18 +96,25 @@ def read_run(workdir: str) -> Run:
     raise inference.WorkdirError(
         f'{workdir}/metrics.jsonl is missing or has no train records: the '
         f'run has not logged anything yet.')
-  start = min(float(r['time']) for r in records)
   steps_per_epoch = int(train[-1]['step']) / float(train[-1]['epoch'])
   column = lambda rs, key: np.array([float(r[key]) for r in rs])
+  if all('train_seconds' in r for r in train):
+    train_seconds = column(train, 'train_seconds')
+    eval_seconds = np.interp(column(evals, 'step'), column(train, 'step'),
+                             train_seconds)
+    clock = 'training time'
+  else:
+    start = min(float(r['time']) for r in records)
+    train_seconds = column(train, 'time') - start
+    eval_seconds = column(evals, 'time') - start
+    clock = 'wall time since the first logged record'
   return Run(
       workdir, label(config),
-      {'epoch': column(train, 'epoch'),
-       'seconds': column(train, 'time') - start,
+      {'epoch': column(train, 'epoch'), 'seconds': train_seconds,
        'loss': column(train, 'loss')},
       {'epoch': column(evals, 'step') / steps_per_epoch,
-       'seconds': column(evals, 'time') - start,
-       'error': column(evals, 'error')},
-      '/'.join(sorted({r['split'] for r in evals})) or 'test')
+       'seconds': eval_seconds, 'error': column(evals, 'error')},
+      '/'.join(sorted({r['split'] for r in evals})) or 'test', clock)
 
 
 def _time_unit(runs: Sequence[Run]) -> tuple[float, str]:
@@ -123,9 +133,10 @@ def _legend_labels(runs: Sequence[Run]) -> list[str]:
 
 
 def plot(runs: Sequence[Run]) -> mpl_figure.Figure:
-  """The 2x2 figure: rows epoch / wall time, columns train loss / eval error
+  """The 2x2 figure: rows epoch / time, columns train loss / eval error
   (%); one line per run, one legend below."""
   unit_seconds, unit = _time_unit(runs)
+  clock = ' or '.join(sorted({run.clock for run in runs}))
   splits = sorted({run.eval_split for run in runs})
   fig, axes = plt.subplots(2, 2, figsize=(11, 8), layout='constrained')
   for run, text in zip(runs, _legend_labels(runs)):
@@ -138,7 +149,7 @@ def plot(runs: Sequence[Run]) -> mpl_figure.Figure:
       axes[row, 1].plot(run.eval[x] / scale, 100 * run.eval['error'],
                         color=color, marker='.', label=text)
   for row, xlabel in enumerate(
-      ('epoch', f'wall time since the first logged record ({unit})')):
+      ('epoch', f'{clock} ({unit})')):
     axes[row, 0].set_ylabel('train loss (log scale)')
     axes[row, 0].set_yscale('log')
     axes[row, 1].set_ylabel(f'{"/".join(splits)} error (%)')

@@ -409,11 +409,16 @@ class TrainLog:
   the pending ones in one transfer (at log steps, and before anything is
   evaluated or saved); writes each window's means (metrics.jsonl, TensorBoard,
   a console line with img/s and ETA counted on training time alone); stops on
-  a non-finite step (or skips it) and warns about a stall."""
+  a non-finite step (or skips it) and warns about a stall.
+
+  Each window's record has `train_seconds`: the run's training time so far
+  (the first, compiling step included; evaluations and checkpoints not),
+  continued from `train_seconds` of the run this one resumes."""
 
   def __init__(self, c: ml_collections.ConfigDict,
                writer: metric_writers.MetricWriter, steps_per_epoch: int,
-               total_steps: int, num_classes: int):
+               total_steps: int, num_classes: int,
+               train_seconds: float = 0.0):
     self.c = c
     self.writer = writer
     self.steps_per_epoch = steps_per_epoch
@@ -424,6 +429,9 @@ class TrainLog:
     self.clock = None  # Starts once the run's first (compiling) step is done.
     self.timed_from = 0
     self.paused_seconds = 0.0
+    self.train_seconds = train_seconds
+    self.started = time.perf_counter()
+    self.paused_in_run = 0.0
 
   def record(self, done: int, metrics: dict[str, jax.Array]) -> None:
     """Takes the metrics of the step that completed `done` steps."""
@@ -443,6 +451,7 @@ class TrainLog:
       yield
     finally:
       self.paused_seconds += time.perf_counter() - start
+      self.paused_in_run += time.perf_counter() - start
 
   def flush(self, done: int, last_good: str) -> None:
     """Fetches the pending metrics; writes a window if `done` is a log step.
@@ -483,7 +492,9 @@ class TrainLog:
               'accuracy': float(np.mean(self.accuracies)),
               'learning_rate': float(m['learning_rate']),
               'grad_norm': float(m['grad_norm']),
-              'epoch': done / self.steps_per_epoch}
+              'epoch': done / self.steps_per_epoch,
+              'train_seconds': self.train_seconds + (
+                  time.perf_counter() - self.started - self.paused_in_run)}
     timed = done - self.timed_from
     seconds = time.perf_counter() - self.clock - self.paused_seconds
     speed = ''
@@ -640,9 +651,12 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
                jax.device_count(), total_steps, trainer.steps_per_epoch,
                start_step)
 
+  trained_seconds = max(
+      [r.get('train_seconds', 0.0) for r in metric_writers.read_metrics(workdir)
+       if r['split'] == 'train' and r['step'] <= start_step] or [0.0])
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
-                 models.PRESETS[c.model.preset].num_classes)
+                 models.PRESETS[c.model.preset].num_classes, trained_seconds)
   save = Checkpointer(manager, restored_step, before_save=writer.flush)
   profiler = Profiler(workdir, c.train.profile_steps, start_step)
   eval_every = c.train.eval_every_steps or trainer.steps_per_epoch

@@ -198,7 +198,6 @@ def test_plot_curves_two_labelled_lines(workdir, second_workdir):
   records = metric_writers.read_metrics(workdir)
   train_records = [r for r in records if r['split'] == 'train']
   eval_records = [r for r in records if r['split'] == 'test']
-  start = min(r['time'] for r in records)
   for ax in axes.ravel():
     assert [l.get_label() for l in ax.get_lines()] == expected
   (loss, loss2), (error, error2) = (axes[0, 0].get_lines(),
@@ -211,13 +210,35 @@ def test_plot_curves_two_labelled_lines(workdir, second_workdir):
   np.testing.assert_allclose(error.get_xdata(), [1.0, 2.0])
   np.testing.assert_allclose(error2.get_xdata(), [1.0, 2.0])
   np.testing.assert_allclose(error2.get_ydata(), error.get_ydata() / 2)
-  assert 'wall time' in axes[1, 0].get_xlabel()
-  assert axes[1, 0].get_xlabel().endswith('(s)')
-  np.testing.assert_allclose(axes[1, 0].get_lines()[0].get_xdata(),
-                             [r['time'] - start for r in train_records])
+  # Time is the training time the train records carry, interpolated at
+  # each evaluation's step.
+  assert axes[1, 0].get_xlabel() == 'training time (s)'
+  seconds = [r['train_seconds'] for r in train_records]
+  np.testing.assert_allclose(axes[1, 0].get_lines()[0].get_xdata(), seconds)
   for line in axes[1, 1].get_lines():  # The first of the repeated ones.
-    np.testing.assert_allclose(line.get_xdata(),
-                               [r['time'] - start for r in eval_records])
+    np.testing.assert_allclose(line.get_xdata(), np.interp(
+        [r['step'] for r in eval_records],
+        [r['step'] for r in train_records], seconds))
+
+
+def test_plot_curves_falls_back_to_wall_time_without_train_seconds(
+    workdir, tmp_path):
+  """Workdirs logged before records had train_seconds: wall time since the
+  first record."""
+  path = copy_with_config(workdir, tmp_path / 'old')
+  records = metric_writers.read_metrics(path)
+  for r in records:
+    r.pop('train_seconds', None)
+  (pathlib.Path(path) / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in records))
+  run = plot_curves.read_run(path)
+  start = min(r['time'] for r in records)
+  np.testing.assert_allclose(
+      run.train['seconds'],
+      [r['time'] - start for r in records if r['split'] == 'train'])
+  axes = np.array(plot_curves.plot([run]).axes).reshape(2, 2)
+  assert axes[1, 0].get_xlabel() == (
+      'wall time since the first logged record (s)')
   assert axes[0, 1].get_ylabel() == 'test error (%)'
 
 

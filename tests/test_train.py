@@ -98,6 +98,17 @@ def test_resume_continues_with_identical_state(quickstart_config, tmp_path):
   assert int(a['step']) == int(b['step']) == 30
   for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
     np.testing.assert_array_equal(x, y)
+  # Training time accumulates over the two runs of `split`: logged every
+  # step, it only grows, and the resumed run continues from step 20's.
+  seconds = {r['step']: r['train_seconds']
+             for r in metric_writers.read_metrics(split)
+             if r['split'] == 'train'}
+  assert sorted(seconds) == list(range(1, 31))
+  values = [seconds[s] for s in range(1, 31)]
+  assert all(0 < a < b for a, b in zip(values, values[1:])), values
+  wall = [r['time'] for r in metric_writers.read_metrics(split)
+          if r['split'] == 'train']
+  assert values[-1] < wall[-1] - wall[0] + values[0]  # Pauses left out.
   la = [r['loss'] for r in metric_writers.read_metrics(whole)
         if r['split'] == 'train']
   lb = [r['loss'] for r in metric_writers.read_metrics(split)
