@@ -1,0 +1,620 @@
+r"""The paper's tables, rerun: every row trained, then ours beside the paper's.
+
+  python experiments/paper_tables.py --table=heads --workdir=runs/tables \
+      --steps=2000 --data=../shared/data
+  python experiments/paper_tables.py --table=heads --workdir=/tmp/tables \
+      --base=configs/quickstart.py --steps=60
+
+Tables (the paper: Lin, Chen & Yan, Network in Network, ICLR 2014,
+arXiv:1312.4400v3): `cifar10` (Table 1: without and with augmentation),
+`cifar100` (Table 2), `svhn` (Table 3), `mnist` (Table 4), `heads` (Table 5:
+global average pooling against a fully connected head, with and without
+dropout, on CIFAR-10) and `dropout` (Figure 3, Section 4.2: dropout between the
+mlpconv layers or none, on CIFAR-10).
+
+Each row is its own training, `python -m nin_jax.main --config=...
+--workdir=WORKDIR/TABLE/ROW --config.GROUP.FIELD=VALUE ...`, run one after the
+other from the repository root; the command is recorded, so a row can be rerun
+by hand. A row whose metrics.jsonl holds an evaluation at its final step is
+finished and is not run again (nin_jax.main would evaluate it once more and
+append a duplicate record); an unfinished one is relaunched and resumes from
+its newest checkpoint. The dataset tables run each row's own config; with
+`--base=CONFIG[:VARIANT]` they run that config instead (`cifar10` then varies
+only data.augment). `heads` varies only model.head and model.head_dropout_rate,
+`dropout` only model.dropout_rate, on `configs/cifar10.py:faithful` (the
+author's model) unless --base names another config.
+
+`--steps=N` trains N steps (evaluating and checkpointing every N/5);
+`--epochs=E` trains E epochs; neither: the configs' own lengths. A TFDS
+dataset is read from `--data=DIR` (default $NIN_JAX_DATA_DIR) when DIR holds
+its Keras-layout npz (`DIR/cifar10.npz` or `DIR/cifar10/cifar10.npz`; likewise
+mnist, cifar100, svhn), else from a prepared TFDS copy; a row with neither is
+reported in one line and left "not run" (an SVHN npz has no 'extra' split: that
+row trains on train alone, and the table says so). Any other `--config.GROUP.FIELD=VALUE`
+is passed to every row (e.g. `--config.data.data_dir=DIR`).
+
+Writes WORKDIR/TABLE.json (test errors in percent), WORKDIR/TABLE.md (the
+table) and WORKDIR/TABLE.png (test error against epoch, one line per row
+that ran; needs matplotlib).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+from typing import Any, NoReturn, Optional, Sequence
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / 'experiments'))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import ml_collections
+
+from absl import logging
+
+from nin_jax import cli
+from nin_jax import config_lib
+from nin_jax import datasets
+from nin_jax import errors
+from nin_jax import metric_writers
+from nin_jax import tfds_source
+from nin_jax import train
+
+# The author's model: the ablations compare on it unless --base says otherwise.
+AUTHOR_MODEL = 'configs/cifar10.py:faithful'
+WALL_FILE = 'wall_seconds.json'  # In WORKDIR/TABLE: seconds per row, summed.
+DATA_ENV = 'NIN_JAX_DATA_DIR'
+# Names a dataset's npz may have in --data (datasets.py reads both for SVHN).
+NPZ_NAMES = {'svhn_cropped': ('svhn', 'svhn_cropped')}
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of a table: its name and workdir key, the paper's test error
+  (percent; None where the paper shows it only in a figure), the config it
+  runs without --base, and the fields the table varies."""
+  name: str
+  key: str
+  paper_error: Optional[float]
+  config: Optional[str] = None
+  fields: tuple[tuple[str, Any], ...] = ()
+
+
+@dataclasses.dataclass(frozen=True)
+class Table:
+  """A table of the paper. `base`: the config every row runs unless --base
+  names one (None: each row's own `config`, and a --base run sets the rows'
+  `fields`)."""
+  name: str
+  description: str
+  variants: tuple[Variant, ...]
+  base: Optional[str] = None
+
+
+# Test errors (%) from Lin, Chen & Yan, "Network In Network", ICLR 2014
+# (arXiv:1312.4400v3): Table 1 CIFAR-10, Table 2 CIFAR-100, Table 3 SVHN,
+# Table 4 MNIST, Table 5 GAP against fully connected heads on CIFAR-10. The
+# dropout ablation is Figure 3 (Section 4.2): dropout between the mlpconv
+# layers "reduced the test error by more than 20%"; the paper gives no number
+# for the model without dropout (the figure only; no copy of the text found
+# through the project's search tools states one), so that row's is None. The
+# row with dropout is the paper's NIN + Dropout, 10.41% (Table 1).
+TABLES = {t.name: t for t in (
+    Table('cifar10', 'CIFAR-10 without and with data augmentation '
+          '(the paper\'s Table 1)', (
+              Variant('NIN + dropout', 'no_augmentation', 10.41,
+                      'configs/cifar10.py', (('data.augment', False),)),
+              Variant('NIN + dropout + augmentation', 'augmentation', 8.81,
+                      'configs/cifar10_aug.py', (('data.augment', True),)))),
+    Table('cifar100', 'CIFAR-100 (the paper\'s Table 2)', (
+        Variant('NIN + dropout', 'cifar100', 35.68, 'configs/cifar100.py'),)),
+    Table('svhn', 'SVHN (the paper\'s Table 3)', (
+        Variant('NIN + dropout', 'svhn', 2.35, 'configs/svhn.py'),)),
+    Table('mnist', 'MNIST (the paper\'s Table 4)', (
+        Variant('NIN + dropout', 'mnist', 0.47, 'configs/mnist.py'),)),
+    Table('heads', 'global average pooling against fully connected heads on '
+          'CIFAR-10 (the paper\'s Table 5)', (
+              Variant('GAP', 'gap', 10.41, None,
+                      (('model.head', 'gap'),
+                       ('model.head_dropout_rate', 0.0))),
+              Variant('fully connected', 'fc', 11.59, None,
+                      (('model.head', 'fc'), ('model.head_dropout_rate', 0.0))),
+              Variant('fully connected + dropout', 'fc_dropout', 10.88, None,
+                      (('model.head', 'fc'),
+                       ('model.head_dropout_rate', 0.5)))),
+          base=AUTHOR_MODEL),
+    Table('dropout', 'dropout between the mlpconv layers on CIFAR-10 (the '
+          'paper\'s Figure 3, Section 4.2)', (
+              Variant('dropout 0.5', 'dropout', 10.41, None,
+                      (('model.dropout_rate', 0.5),)),
+              Variant('no dropout', 'no_dropout', None, None,
+                      (('model.dropout_rate', 0.0),))),
+          base=AUTHOR_MODEL),
+)}
+
+
+@dataclasses.dataclass
+class Row:
+  """One row to run: the command's parts and, once known, why it is skipped
+  and what it reached."""
+  variant: Variant
+  config: str                       # --config=, as the command has it.
+  overrides: dict[str, Any]         # Dotted field -> value, in order.
+  workdir: str
+  skip: Optional[str] = None        # Why it does not run (not run).
+  note: Optional[str] = None        # A change the data forced.
+  error: Optional[float] = None     # Test error at the final step, percent.
+  steps: Optional[int] = None
+  epochs: Optional[float] = None
+  wall_seconds: Optional[float] = None
+
+  def command(self, python: str = 'python') -> list[str]:
+    """argv of the row's training, run from the repository root."""
+    return [python, '-m', 'nin_jax.main', f'--config={self.config}',
+            f'--workdir={self.workdir}'] + [
+                f'--config.{k}={flag_value(v)}'
+                for k, v in self.overrides.items()]
+
+
+class UserError(Exception):
+  """A mistake in the command line: one line, exit status 2."""
+
+
+def fail(message: str) -> NoReturn:
+  """`paper_tables: error: MESSAGE` on one line of stderr, exit status 2."""
+  print(f'paper_tables: error: {" ".join(message.split())}', file=sys.stderr)
+  sys.exit(cli.USER_ERROR_STATUS)
+
+
+def flag_value(value: Any) -> str:
+  """`value` as --config.FIELD=VALUE spells it (ml_collections parses it)."""
+  return repr(value) if isinstance(value, float) else str(value)
+
+
+def parse_value(text: str) -> Any:
+  """A --config override's value as Python (a bare word stays a string)."""
+  try:
+    return ast.literal_eval(text)
+  except (ValueError, SyntaxError):
+    return text
+
+
+def config_path(spec: str) -> str:
+  """`spec` (PATH[:VARIANT], relative to the working directory) as the row
+  commands spell it: relative to the repository root when inside it."""
+  path, sep, variant = spec.partition('.py:')
+  path = os.path.abspath(path if path.endswith('.py') else path + '.py')
+  if pathlib.Path(path).is_relative_to(REPO):
+    path = os.path.relpath(path, REPO)
+  return path + (f':{variant}' if sep else '')
+
+
+def load_config(spec: str) -> ml_collections.ConfigDict:
+  """The config of a `--config` value relative to the repository root."""
+  path, sep, variant = spec.partition(':')
+  return cli.load_config_spec(
+      str(REPO / path) + (f':{variant}' if sep else ''))
+
+
+def find_npz(data_dir: Optional[str], key: str) -> Optional[str]:
+  """DIR/NAME.npz or DIR/NAME/NAME.npz for dataset `key`, if one exists."""
+  if not data_dir:
+    return None
+  for name in NPZ_NAMES.get(key, (key,)):
+    for path in (pathlib.Path(data_dir) / f'{name}.npz',
+                 pathlib.Path(data_dir) / name / f'{name}.npz'):
+      if path.is_file():
+        return str(path.resolve())
+  return None
+
+
+def budget_overrides(config: ml_collections.ConfigDict, steps: Optional[int],
+                     epochs: Optional[float]) -> dict[str, Any]:
+  """The length fields --steps or --epochs set (evaluations 5 times a run)."""
+  if steps is not None:
+    every = max(1, steps // 5)
+    return {'train.num_train_steps': steps, 'train.eval_every_steps': every,
+            'train.checkpoint_every_steps': every}
+  if epochs is not None:
+    fields = {'train.num_epochs': float(epochs)}
+    if config.train.num_train_steps != -1:
+      fields['train.num_train_steps'] = -1  # Else it would win over epochs.
+    return fields
+  return {}
+
+
+def tfds_prepared(name: str, data_dir: Optional[str]) -> bool:
+  """Whether TFDS holds a prepared copy nin-jax reads (TFDS's logs muted)."""
+  verbosity = logging.get_verbosity()
+  logging.set_verbosity(logging.ERROR)
+  try:
+    tfds_source.open_builder(name, data_dir)
+    return True
+  except errors.DataError:
+    return False
+  finally:
+    logging.set_verbosity(verbosity)
+
+
+def data_overrides(config: ml_collections.ConfigDict, data_dir: Optional[str],
+                   prepared: dict[tuple[str, Optional[str]], bool]
+                   ) -> tuple[dict[str, Any], Optional[str], Optional[str]]:
+  """(fields, skip reason, note) for the row's dataset: a TFDS dataset comes
+  from DIR's npz when there is one, else must be a prepared TFDS copy
+  (`prepared` caches the answers for the rows of one table)."""
+  spec = datasets.lookup(config.data.dataset)
+  if spec.source != 'tfds':
+    return {}, None, None
+  npz = find_npz(data_dir, spec.key)
+  if npz is not None:
+    fields = {'data.dataset': f'npz:{npz}'}
+    note = None
+    if config.data.use_extra_split:  # An npz holds train and test only.
+      fields['data.use_extra_split'] = False
+      note = (f'{os.path.basename(npz)} has no extra split: trained on '
+              'train only')
+    return fields, None, note
+  where = (spec.name, config.data.data_dir or None)
+  if where not in prepared:
+    prepared[where] = tfds_prepared(*where)
+  if not prepared[where]:
+    name = NPZ_NAMES.get(spec.key, (spec.key,))[0]
+    return {}, (f'{config.data.dataset} is not available: give --data=DIR '
+                f'with {name}.npz (or ${DATA_ENV}), or a prepared TFDS copy '
+                f'via --config.data.data_dir=DIR'), None
+  return {}, None, None
+
+
+def build_rows(table: Table, base: Optional[str], steps: Optional[int],
+               epochs: Optional[float], data_dir: Optional[str],
+               extra: Sequence[tuple[str, str]], workdir: str) -> list[Row]:
+  """Every row of `table` with its config and --config overrides: the
+  fields the table varies (with a base config), the budget's, the data's,
+  then `extra` (field, value as typed), which every row gets."""
+  base = base or table.base
+  rows, prepared = [], {}
+  for variant in table.variants:
+    config_spec = base or variant.config
+    varied = dict(variant.fields) if base else {}
+    config = load_config(config_spec)
+    _apply(config, {**varied, **dict(extra)})
+    fields, skip, note = data_overrides(config, data_dir, prepared)
+    row = Row(variant, config_spec,
+              {**varied, **budget_overrides(config, steps, epochs), **fields,
+               **dict(extra)},
+              os.path.join(workdir, table.name, variant.key), skip, note)
+    row_config(row)  # Every override names a field of the right type.
+    rows.append(row)
+  return rows
+
+
+def _apply(config: ml_collections.ConfigDict, fields: dict[str, Any]) -> None:
+  """Sets dotted `fields` on `config` (strings parsed as the command line
+  would be); UserError for a field it lacks or a value of the wrong type."""
+  names = config_lib.field_names(config, groups=False)
+  for field, value in fields.items():
+    if field not in names:
+      raise UserError(cli.unknown_field_message(
+          field, f'--config.{field}={value}', names))
+    parsed = parse_value(value) if isinstance(value, str) else value
+    try:
+      config.update_from_flattened_dict({field: parsed})
+    except (KeyError, AttributeError, TypeError) as e:
+      raise UserError(f'--config.{field}={value}: not a field of this config '
+                      f'or a value of the wrong type ({e}).') from e
+
+
+def row_config(row: Row) -> ml_collections.ConfigDict:
+  """The config the row's command trains."""
+  config = load_config(row.config)
+  _apply(config, row.overrides)
+  return config
+
+
+def final_step(config: ml_collections.ConfigDict,
+               records: list[dict[str, Any]]) -> Optional[int]:
+  """The step the run ends at; for a run given in epochs, known once its
+  train records give the steps per epoch (None before)."""
+  if config.train.num_train_steps > 0:
+    return config.train.num_train_steps
+  logged = [r for r in records if r['split'] == 'train' and r.get('epoch')]
+  if not logged:
+    return None
+  per_epoch = round(int(logged[-1]['step']) / float(logged[-1]['epoch']))
+  return train.num_train_steps(config, per_epoch * config.train.batch_size)
+
+
+def read_result(row: Row) -> bool:
+  """Fills in the row's error, steps and epochs from its metrics.jsonl if it
+  holds an evaluation at the final step; whether it does (the row is done)."""
+  records = metric_writers.read_metrics(row.workdir)
+  last = final_step(row_config(row), records)
+  if last is None:
+    return False
+  beyond = [int(r['step']) for r in records if int(r['step']) > last]
+  if beyond:
+    row.skip = (f'{row.workdir} holds a longer run (step {max(beyond)} > '
+                f'{last}); use another --workdir')
+    return True
+  at_end = [r for r in records if r['split'] != 'train'
+            and int(r['step']) == last]
+  if not at_end:
+    return False
+  logged = [r for r in records if r['split'] == 'train' and r.get('epoch')]
+  row.error = 100.0 * float(at_end[0]['error'])
+  row.steps = last
+  row.epochs = (last * float(logged[-1]['epoch']) / int(logged[-1]['step'])
+                if logged else None)
+  return True
+
+
+def run_row(row: Row) -> tuple[int, float, str]:
+  """Trains the row (its output streamed through); (exit status, wall
+  seconds, the last `nin_jax: error:` line or the last line)."""
+  argv = row.command(sys.executable)
+  start = time.time()
+  tail = collections.deque(maxlen=50)
+  with subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True,
+                        bufsize=1) as proc:
+    try:
+      for line in proc.stderr:
+        sys.stderr.write(line)
+        tail.append(line.strip())
+    finally:
+      status = proc.wait()
+  lines = [l for l in tail if l]
+  errors_ = [l for l in lines if l.startswith('nin_jax: error:')]
+  last = errors_[-1] if errors_ else (lines[-1] if lines else '')
+  return status, time.time() - start, last
+
+
+def _wall_times(table_dir: pathlib.Path) -> dict[str, float]:
+  path = table_dir / WALL_FILE
+  return json.loads(path.read_text()) if path.exists() else {}
+
+
+def _add_wall_time(table_dir: pathlib.Path, key: str, seconds: float) -> None:
+  """Adds a run's seconds to the row's total (a resumed row's runs add up)."""
+  times = _wall_times(table_dir)
+  times[key] = times.get(key, 0.0) + seconds
+  table_dir.mkdir(parents=True, exist_ok=True)
+  (table_dir / WALL_FILE).write_text(json.dumps(times, indent=2) + '\n')
+
+
+def run_table(table: Table, rows: list[Row], workdir: str) -> None:
+  """Runs every row that is neither skipped nor finished, one at a time."""
+  table_dir = pathlib.Path(workdir) / table.name
+  for row in rows:
+    label = f'{table.name}/{row.variant.key}'
+    finished = row.skip is None and read_result(row)
+    if row.skip is not None:
+      print(f'paper_tables: {label}: not run: {row.skip}', flush=True)
+      continue
+    if finished:
+      print(f'paper_tables: {label}: finished before, not run again',
+            flush=True)
+      continue
+    print(f'paper_tables: {label}: {shlex.join(row.command())}', flush=True)
+    status, seconds, last = 0, 0.0, ''
+    start = time.time()
+    try:
+      status, seconds, last = run_row(row)
+    finally:
+      _add_wall_time(table_dir, row.variant.key, seconds or time.time() - start)
+    if status != 0:
+      row.skip = f'the training exited with status {status}: {last}'
+      print(f'paper_tables: {label}: not run: {row.skip}', flush=True)
+    elif not read_result(row):
+      row.skip = 'the training ended without an evaluation at its final step'
+  times = _wall_times(table_dir)
+  for row in rows:
+    row.wall_seconds = times.get(row.variant.key)
+
+
+def budget_text(steps: Optional[int], epochs: Optional[float]) -> str:
+  if steps is not None:
+    return f'{steps} steps per row'
+  if epochs is not None:
+    return f'{epochs:g} epochs per row'
+  return "the configs' own lengths (the paper's full runs)"
+
+
+def _seconds_text(seconds: Optional[float]) -> str:
+  if seconds is None:
+    return ''
+  return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
+
+
+def _cell(text: str) -> str:
+  return text.replace('|', '\\|')
+
+
+def markdown(table: Table, rows: list[Row], base: Optional[str],
+             budget: str) -> str:
+  """The table: variant, the paper's test error, ours, length, wall time and
+  the command (run from the repository root)."""
+  lines = [
+      f'# {table.name}: {table.description}', '',
+      f'Config: {base or table.base or "each row its own"}; budget: {budget}. '
+      'Test error in percent; the paper\'s from Lin, Chen & Yan, Network In '
+      'Network (ICLR 2014). Commands run from the repository root.', '',
+      "| variant | paper's test error (%) | ours (%) | steps | epochs | "
+      'wall time | command |',
+      '| --- | --- | --- | --- | --- | --- | --- |']
+  for row in rows:
+    paper = ('figure only' if row.variant.paper_error is None
+             else f'{row.variant.paper_error:.2f}')
+    if row.error is not None and row.skip is None:
+      ours = f'{row.error:.2f}'
+    elif row.skip is not None:
+      ours = f'not run: {row.skip}'
+    else:
+      ours = 'not finished'
+    if row.note:
+      ours += f' ({row.note})'
+    lines.append('| ' + ' | '.join(_cell(c) for c in (
+        row.variant.name, paper, ours,
+        '' if row.steps is None else str(row.steps),
+        '' if row.epochs is None else f'{row.epochs:.2f}',
+        _seconds_text(row.wall_seconds),
+        f'`{shlex.join(row.command())}`')) + ' |')
+  return '\n'.join(lines) + '\n'
+
+
+def summary(table: Table, rows: list[Row], base: Optional[str],
+            steps: Optional[int], epochs: Optional[float]) -> dict[str, Any]:
+  """The .json: every row, errors in percent (`error` null if not run)."""
+  return {
+      'table': table.name,
+      'description': table.description,
+      'base': base or table.base,
+      'budget': {'steps': steps, 'epochs': epochs},
+      'error_unit': 'percent',
+      'rows': [{
+          'variant': row.variant.name,
+          'paper_error': row.variant.paper_error,
+          'error': None if row.skip is not None else row.error,
+          'steps': row.steps,
+          'epochs': row.epochs,
+          'wall_seconds': row.wall_seconds,
+          'command': shlex.join(row.command()),
+          'workdir': row.workdir,
+          'not_run': row.skip,
+          'note': row.note,
+      } for row in rows]}
+
+
+def plot(table: Table, rows: list[Row], config: str, budget: str,
+         out: str) -> bool:
+  """Test error against epoch, one line per row that evaluated (the paper's
+  number dashed in the same colour); False if none did."""
+  import matplotlib  # The 'plot' extra: imported only when plotting.
+  matplotlib.use('Agg')
+  import matplotlib.pyplot as plt
+  import plot_curves  # experiments/plot_curves.py: reads metrics.jsonl.
+  from nin_jax import inference
+  runs = []
+  for row in rows:
+    try:
+      run = plot_curves.read_run(row.workdir)
+    except (inference.WorkdirError, OSError):
+      continue
+    if run.eval['epoch'].size:
+      runs.append((row, run))
+  if not runs:
+    return False
+  fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
+  for row, run in runs:
+    line, = ax.plot(run.eval['epoch'], 100 * run.eval['error'], marker='.',
+                    label=row.variant.name)
+    if row.variant.paper_error is not None:
+      ax.axhline(row.variant.paper_error, color=line.get_color(),
+                 linestyle='--', linewidth=1,
+                 label=f'{row.variant.name}: paper')
+  ax.set_xlabel('epoch')
+  ax.set_ylabel(f'{runs[0][1].eval_split} error (%)')
+  ax.set_title(f'{table.name} ({config}): {budget}')
+  ax.grid(True, alpha=0.3)
+  ax.legend(fontsize=9)
+  fig.savefig(out, dpi=100)
+  plt.close(fig)
+  return True
+
+
+class _Parser(argparse.ArgumentParser):
+  """argparse whose every error is one line and exit status 2."""
+
+  def error(self, message: str) -> NoReturn:
+    fail(message)
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value <= 0:
+    raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+  return value
+
+
+def _positive_float(text: str) -> float:
+  value = float(text)
+  if not (value > 0 and math.isfinite(value)):
+    raise argparse.ArgumentTypeError(f'must be positive, got {text}')
+  return value
+
+
+def parse_args(argv: Optional[list[str]]
+               ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
+  """The flags, and the --config.FIELD=VALUE overrides for every row."""
+  parser = _Parser(description=__doc__.split('\n')[0])
+  parser.add_argument('--table', required=True, choices=sorted(TABLES))
+  parser.add_argument('--workdir', required=True,
+                      help='rows train in WORKDIR/TABLE/ROW; the table is '
+                      'written to WORKDIR/TABLE.{json,md,png}')
+  length = parser.add_mutually_exclusive_group()
+  length.add_argument('--steps', type=_positive_int,
+                      help='train every row this many steps')
+  length.add_argument('--epochs', type=_positive_float,
+                      help='train every row this many epochs')
+  parser.add_argument('--base', help='CONFIG[:VARIANT] to run the rows on, '
+                      f'changing only what the table varies (heads, dropout: '
+                      f'default {AUTHOR_MODEL})')
+  parser.add_argument('--data', default=os.environ.get(DATA_ENV),
+                      help='folder with the Keras-layout npz files (NAME.npz '
+                      f'or NAME/NAME.npz); default ${DATA_ENV}')
+  args, rest = parser.parse_known_args(argv)
+  extra = []
+  for arg in rest:
+    field, sep, value = arg.removeprefix('--config.').partition('=')
+    if not arg.startswith('--config.') or not sep or not field:
+      parser.error(f'unrecognized argument {arg!r} (only '
+                   '--config.GROUP.FIELD=VALUE is passed to the rows)')
+    extra.append((field, value))
+  if args.data is not None and not os.path.isdir(args.data):
+    parser.error(f'--data={args.data}: not a directory')
+  return args, extra
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  args, extra = parse_args(argv)
+  table = TABLES[args.table]
+  workdir = os.path.abspath(args.workdir)  # Orbax wants absolute paths.
+  base = None
+  if args.base is not None:
+    base = config_path(args.base)
+    try:
+      load_config(base)
+    except Exception as e:  # pylint: disable=broad-except
+      fail(f'--base={args.base}: the config does not load '
+           f'({type(e).__name__}: {e})')
+  try:
+    rows = build_rows(table, base, args.steps, args.epochs, args.data, extra,
+                      workdir)
+  except (UserError, errors.ConfigError) as e:
+    fail(str(e))
+  run_table(table, rows, workdir)
+  budget = budget_text(args.steps, args.epochs)
+  out = pathlib.Path(workdir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / f'{table.name}.json').write_text(json.dumps(
+      summary(table, rows, base, args.steps, args.epochs), indent=2) + '\n')
+  (out / f'{table.name}.md').write_text(markdown(table, rows, base, budget))
+  wrote_png = plot(table, rows, base or table.base or 'each row its own config',
+                   budget, str(out / f'{table.name}.png'))
+  print(f'paper_tables: wrote {out / table.name}.json, .md'
+        f'{", .png" if wrote_png else " (no row has evaluated: no .png)"}',
+        flush=True)
+
+
+if __name__ == '__main__':
+  main()

@@ -1,0 +1,307 @@
+"""experiments/paper_tables.py: the rows each table builds (no training),
+its one-line errors, and two tiny tables trained for real on the quick-start
+config (3 + 2 runs of 20 steps, about 90 s), the first one run twice."""
+
+import hashlib
+import json
+import math
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+import time
+
+import pytest
+from PIL import Image
+
+from nin_jax import config_lib
+from nin_jax import metric_writers
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / 'experiments'))
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import paper_tables
+
+QUICKSTART = 'configs/quickstart.py'
+STEPS = 20
+
+
+def run_script(*args, env=None):
+  """Runs `python experiments/paper_tables.py ARGS` from the repository root;
+  (completed process, wall seconds)."""
+  env = dict(os.environ if env is None else env, JAX_PLATFORMS='cpu')
+  start = time.time()
+  result = subprocess.run(
+      [sys.executable, str(REPO / 'experiments' / 'paper_tables.py'), *args],
+      capture_output=True, text=True, timeout=300, cwd=REPO, env=env)
+  return result, time.time() - start
+
+
+def fingerprint(workdir):
+  """Hashes of every file under `workdir` but the table's own outputs (the
+  metrics, checkpoints and configs of its rows)."""
+  root = pathlib.Path(workdir)
+  return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+          for p in sorted(root.rglob('*')) if p.is_file()
+          and p.parent != root}
+
+
+@pytest.fixture(scope='module')
+def heads(tmp_path_factory):
+  """The heads table on the quick-start config, 20 steps a row: (workdir,
+  first run's process, the .json it wrote)."""
+  workdir = tmp_path_factory.mktemp('tables')
+  result, _ = run_script('--table=heads', f'--base={QUICKSTART}',
+                         f'--steps={STEPS}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir, result, json.loads((workdir / 'heads.json').read_text())
+
+
+def test_heads_json_has_three_finished_rows(heads):
+  workdir, _, table = heads
+  assert table['table'] == 'heads' and table['error_unit'] == 'percent'
+  assert table['base'] == QUICKSTART
+  assert table['budget'] == {'steps': STEPS, 'epochs': None}
+  rows = table['rows']
+  assert [r['variant'] for r in rows] == [
+      'GAP', 'fully connected', 'fully connected + dropout']
+  assert [r['paper_error'] for r in rows] == [10.41, 11.59, 10.88]
+  heads_fields = [('gap', '0.0'), ('fc', '0.0'), ('fc', '0.5')]
+  for row, (head, rate), key in zip(rows, heads_fields,
+                                    ('gap', 'fc', 'fc_dropout')):
+    assert math.isfinite(row['error']) and 0 <= row['error'] <= 100
+    assert row['steps'] == STEPS
+    assert row['epochs'] == pytest.approx(STEPS / 22)  # 22 steps an epoch.
+    assert row['wall_seconds'] > 0 and row['not_run'] is None
+    argv = shlex.split(row['command'])
+    assert argv[:4] == ['python', '-m', 'nin_jax.main',
+                        f'--config={QUICKSTART}']
+    assert f'--workdir={workdir / "heads" / key}' in argv
+    assert f'--config.model.head={head}' in argv
+    assert f'--config.model.head_dropout_rate={rate}' in argv
+    assert f'--config.train.num_train_steps={STEPS}' in argv
+    # The error is the run's own evaluation at its final step.
+    final = [r for r in metric_writers.read_metrics(row['workdir'])
+             if r['split'] == 'test' and r['step'] == STEPS]
+    assert len(final) == 1
+    assert row['error'] == pytest.approx(100 * final[0]['error'])
+    evaluations = [r for r in metric_writers.read_metrics(row['workdir'])
+                   if r['split'] == 'test']
+    assert [r['step'] for r in evaluations] == [4, 8, 12, 16, 20]
+
+
+def test_heads_markdown_puts_paper_beside_ours_and_png_opens(heads):
+  workdir, _, table = heads
+  lines = (workdir / 'heads.md').read_text().splitlines()
+  body = [l for l in lines if l.startswith('| ')
+          and not l.startswith(('| variant', '| ---'))]
+  assert len(body) == 3
+  for line, row in zip(body, table['rows']):
+    cells = [c.strip() for c in line.strip('|').split(' | ')]
+    assert cells[0] == row['variant']
+    assert cells[1] == f'{row["paper_error"]:.2f}'
+    assert cells[2] == f'{row["error"]:.2f}'
+    assert cells[3] == str(STEPS)
+    assert cells[6] == f'`{row["command"]}`'
+  with Image.open(workdir / 'heads.png') as image:
+    image.verify()
+    assert image.size[0] > 300 and image.size[1] > 200
+
+
+def test_rerun_trains_nothing(heads):
+  workdir, _, table = heads
+  before = fingerprint(workdir)
+  result, seconds = run_script('--table=heads', f'--base={QUICKSTART}',
+                               f'--steps={STEPS}', f'--workdir={workdir}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.count('finished before, not run again') == 3
+  assert 'Training quickstart' not in result.stderr  # Nothing launched.
+  assert fingerprint(workdir) == before  # Metrics, checkpoints unchanged.
+  assert seconds < 40  # One training alone takes about 20 s.
+  again = json.loads((workdir / 'heads.json').read_text())
+  assert [r['error'] for r in again['rows']] == [
+      r['error'] for r in table['rows']]
+  assert [r['wall_seconds'] for r in again['rows']] == [
+      r['wall_seconds'] for r in table['rows']]
+
+
+def test_row_without_final_evaluation_is_unfinished(heads, tmp_path):
+  """A row is finished by its evaluation at the final step alone: without it
+  (a run killed before), the row is run again and resumes."""
+  workdir, _, _ = heads
+  rows = paper_tables.build_rows(
+      paper_tables.TABLES['heads'], QUICKSTART, STEPS, None, None, [],
+      str(workdir))
+  assert all(paper_tables.read_result(row) for row in rows)
+  metrics = metric_writers.read_metrics(rows[0].workdir)
+  short = [r for r in metrics if not (r['split'] == 'test'
+                                      and r['step'] == STEPS)]
+  copy = tmp_path / 'metrics_only'
+  copy.mkdir()
+  (copy / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in short))
+  rows[0].workdir = str(copy)
+  assert not paper_tables.read_result(rows[0])
+
+
+def test_dropout_rows_differ_only_in_dropout_rate(tmp_path):
+  result, _ = run_script('--table=dropout', f'--base={QUICKSTART}',
+                         f'--steps={STEPS}', f'--workdir={tmp_path}')
+  assert result.returncode == 0, result.stderr[-3000:]
+  table = json.loads((tmp_path / 'dropout.json').read_text())
+  with_dropout, without = table['rows']
+  assert (with_dropout['paper_error'], without['paper_error']) == (10.41, None)
+  for row in table['rows']:
+    assert math.isfinite(row['error']) and row['steps'] == STEPS
+  a, b = (shlex.split(r['command']) for r in table['rows'])
+  assert len(a) == len(b)
+  differ = [(x, y) for x, y in zip(a, b) if x != y]
+  assert differ == [
+      (f'--workdir={tmp_path / "dropout" / "dropout"}',
+       f'--workdir={tmp_path / "dropout" / "no_dropout"}'),
+      ('--config.model.dropout_rate=0.5', '--config.model.dropout_rate=0.0')]
+  for row in table['rows']:
+    saved = json.loads(
+        (pathlib.Path(row['workdir']) / 'config.json').read_text())
+    assert saved['model']['dropout_rate'] == (
+        0.5 if row is with_dropout else 0.0)
+  assert 'figure only' in (tmp_path / 'dropout.md').read_text()
+  assert (tmp_path / 'dropout.png').exists()
+
+
+def test_dataset_without_data_is_not_run_with_one_line(tmp_path):
+  env = {k: v for k, v in os.environ.items() if k != paper_tables.DATA_ENV}
+  empty = tmp_path / 'no_tfds'
+  empty.mkdir()
+  result, _ = run_script('--table=cifar100', f'--workdir={tmp_path}',
+                         f'--config.data.data_dir={empty}', env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = [l for l in result.stdout.splitlines() if 'not run' in l]
+  assert len(lines) == 1
+  assert 'tfds:cifar100' in lines[0] and '--data=DIR with cifar100.npz' in (
+      lines[0])
+  assert not (tmp_path / 'cifar100' / 'cifar100').exists()  # Not launched.
+  table = json.loads((tmp_path / 'cifar100.json').read_text())
+  (row,) = table['rows']
+  assert row['error'] is None and row['paper_error'] == 35.68
+  assert 'tfds:cifar100 is not available' in row['not_run']
+  markdown = (tmp_path / 'cifar100.md').read_text()
+  assert '| NIN + dropout | 35.68 | not run: tfds:cifar100' in markdown
+  assert not (tmp_path / 'cifar100.png').exists()
+
+
+def overrides(rows):
+  return [row.overrides for row in rows]
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+  """A --data folder with (empty) cifar10.npz, mnist/mnist.npz and svhn.npz:
+  building rows only checks that the files exist."""
+  (tmp_path / 'mnist').mkdir()
+  for name in ('cifar10.npz', 'mnist/mnist.npz', 'svhn.npz'):
+    (tmp_path / name).write_bytes(b'')
+  return tmp_path
+
+
+def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
+  rows = paper_tables.build_rows(paper_tables.TABLES['heads'], None, 50,
+                                 None, str(data_dir), [], '/w')
+  assert [r.config for r in rows] == ['configs/cifar10.py:faithful'] * 3
+  budget = {'train.num_train_steps': 50, 'train.eval_every_steps': 10,
+            'train.checkpoint_every_steps': 10}
+  data = {'data.dataset': f'npz:{data_dir / "cifar10.npz"}'}
+  assert overrides(rows) == [
+      {'model.head': 'gap', 'model.head_dropout_rate': 0.0, **budget, **data},
+      {'model.head': 'fc', 'model.head_dropout_rate': 0.0, **budget, **data},
+      {'model.head': 'fc', 'model.head_dropout_rate': 0.5, **budget, **data}]
+  assert [r.workdir for r in rows] == ['/w/heads/gap', '/w/heads/fc',
+                                       '/w/heads/fc_dropout']
+  # Each head is the same as configs/cifar10.py's variant of that name, on
+  # the faithful model.
+  for row, variant in zip(rows, ('gap', 'fc', 'fc_dropout')):
+    ours = paper_tables.row_config(row)
+    theirs = config_lib.load_config_file(str(REPO / 'configs' / 'cifar10.py'),
+                                         variant)
+    assert ours.model.head == theirs.model.head
+    assert ours.model.head_dropout_rate == theirs.model.head_dropout_rate
+    assert ours.model.weight_init == 'faithful' and not ours.model.batch_norm
+
+
+def test_dropout_rows_and_epochs_budget(data_dir):
+  rows = paper_tables.build_rows(paper_tables.TABLES['dropout'], QUICKSTART,
+                                 None, 2.5, str(data_dir), [], '/w')
+  assert [r.config for r in rows] == [QUICKSTART] * 2
+  assert overrides(rows) == [
+      {'model.dropout_rate': 0.5, 'train.num_epochs': 2.5},
+      {'model.dropout_rate': 0.0, 'train.num_epochs': 2.5}]
+
+
+def test_dataset_tables_use_their_configs_or_the_base(data_dir):
+  rows = paper_tables.build_rows(paper_tables.TABLES['cifar10'], None, None,
+                                 None, str(data_dir), [], '/w')
+  assert [r.config for r in rows] == ['configs/cifar10.py',
+                                      'configs/cifar10_aug.py']
+  npz = {'data.dataset': f'npz:{data_dir / "cifar10.npz"}'}
+  assert overrides(rows) == [npz, npz]  # Their own lengths, their own fields.
+  rows = paper_tables.build_rows(paper_tables.TABLES['cifar10'], QUICKSTART,
+                                 None, None, str(data_dir), [], '/w')
+  assert [r.config for r in rows] == [QUICKSTART] * 2
+  assert overrides(rows) == [{'data.augment': False}, {'data.augment': True}]
+  (mnist,) = paper_tables.build_rows(paper_tables.TABLES['mnist'], None, 7,
+                                     None, str(data_dir), [], '/w')
+  assert mnist.config == 'configs/mnist.py' and mnist.skip is None
+  assert mnist.overrides['data.dataset'] == (
+      f'npz:{data_dir / "mnist" / "mnist.npz"}')
+  assert mnist.overrides['train.eval_every_steps'] == 1
+  (svhn,) = paper_tables.build_rows(paper_tables.TABLES['svhn'], None, None,
+                                    None, str(data_dir), [], '/w')
+  assert svhn.overrides == {'data.dataset': f'npz:{data_dir / "svhn.npz"}',
+                            'data.use_extra_split': False}
+  assert 'no extra split' in svhn.note
+
+
+def test_extra_overrides_reach_every_row(data_dir):
+  rows = paper_tables.build_rows(
+      paper_tables.TABLES['heads'], QUICKSTART, None, None, None,
+      [('train.seed', '3'), ('optim.learning_rate', '0.05')], '/w')
+  for row in rows:
+    assert row.command()[-2:] == ['--config.train.seed=3',
+                                  '--config.optim.learning_rate=0.05']
+    config = paper_tables.row_config(row)
+    assert config.train.seed == 3 and config.optim.learning_rate == 0.05
+
+
+def test_final_step_of_a_run_in_epochs(quickstart_config):
+  quickstart_config.train.num_epochs = 2.5
+  assert paper_tables.final_step(quickstart_config, []) is None
+  logged = [{'split': 'train', 'step': 20, 'epoch': 20 / 22}]
+  assert paper_tables.final_step(quickstart_config, logged) == 55
+  quickstart_config.train.num_train_steps = 30
+  assert paper_tables.final_step(quickstart_config, []) == 30
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--table=tables'], "argument --table: invalid choice: 'tables'"),
+    (['--table=heads', '--steps=5', '--epochs=1'],
+     'argument --epochs: not allowed with argument --steps'),
+    (['--table=heads', '--steps=0'], 'argument --steps: must be positive'),
+    (['--table=heads', '--epochs=-2'], 'argument --epochs: must be positive'),
+    (['--table=heads', '--base=configs/missing.py'],
+     '--base=configs/missing.py: the config does not load'),
+    (['--table=heads', '--base=configs/cifar10.py:nope'],
+     '--base=configs/cifar10.py:nope: the config does not load'),
+    (['--table=heads', f'--base={REPO / QUICKSTART}', '--config.train.sed=1'],
+     "--config.train.sed=1: the config has no field 'train.sed'"),
+    (['--table=heads', '--verbose'], "unrecognized argument '--verbose'"),
+])
+def test_mistakes_are_one_line_and_status_2(args, message, tmp_path, capsys):
+  with pytest.raises(SystemExit) as exit_info:
+    paper_tables.main([*args, f'--workdir={tmp_path}'])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('paper_tables: error: ')
+  assert message in err
+  assert not list(tmp_path.iterdir())  # Nothing written.
