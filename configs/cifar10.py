@@ -1,5 +1,5 @@
 # pylint: disable=line-too-long
-r"""NiN on CIFAR-10, as the paper (Table 2: 10.41% test error without augmentation).
+r"""NiN on CIFAR-10, as the paper (Table 1: 10.41% test error without augmentation).
 
   python -m nin_jax.main --config=configs/cifar10.py --workdir=runs/cifar10
   # offline, from the Keras-layout arrays:

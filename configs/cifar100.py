@@ -1,5 +1,5 @@
 # pylint: disable=line-too-long
-r"""NiN on CIFAR-100 without augmentation (the paper: 35.68% test error).
+r"""NiN on CIFAR-100 without augmentation (the paper's Table 2: 35.68% test error).
 
   python -m nin_jax.main --config=configs/cifar100.py --workdir=runs/cifar100
   python -m nin_jax.main --config=configs/cifar100.py:faithful --workdir=runs/cifar100_faithful

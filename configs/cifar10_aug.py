@@ -1,5 +1,5 @@
 # pylint: disable=line-too-long
-r"""NiN on CIFAR-10 with translation and flip augmentation (Table 2: 8.81%).
+r"""NiN on CIFAR-10 with translation and flip augmentation (Table 1: 8.81%).
 
   python -m nin_jax.main --config=configs/cifar10_aug.py --workdir=runs/cifar10_aug
   python -m nin_jax.main --config=configs/cifar10_aug.py --workdir=runs/cifar10_aug \

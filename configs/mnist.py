@@ -1,5 +1,5 @@
 # pylint: disable=line-too-long
-r"""NiN on MNIST, no augmentation, pixels scaled to [0, 1] (Table 5: 0.47%).
+r"""NiN on MNIST, no augmentation, pixels scaled to [0, 1] (the paper's Table 4: 0.47%).
 
   python -m nin_jax.main --config=configs/mnist.py --workdir=runs/mnist
   # offline, from the Keras-layout arrays:

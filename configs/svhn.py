@@ -1,5 +1,5 @@
 # pylint: disable=line-too-long
-r"""NiN on SVHN, train + extra, local contrast normalization (Table 4: 2.35%).
+r"""NiN on SVHN, train + extra, local contrast normalization (Table 3: 2.35%).
 
   python -m nin_jax.main --config=configs/svhn.py --workdir=runs/svhn
   # the paper's validation set (400 per class of train + 200 per class of extra):
