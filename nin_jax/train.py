@@ -651,9 +651,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
                jax.device_count(), total_steps, trainer.steps_per_epoch,
                start_step)
 
-  trained_seconds = max(
-      [r.get('train_seconds', 0.0) for r in metric_writers.read_metrics(workdir)
-       if r['split'] == 'train' and r['step'] <= start_step] or [0.0])
+  logged = [r for r in metric_writers.read_metrics(workdir)
+            if r['step'] <= start_step]
+  trained_seconds = max([r.get('train_seconds', 0.0) for r in logged
+                         if r['split'] == 'train'] or [0.0])
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
   log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
                  models.PRESETS[c.model.preset].num_classes, trained_seconds)
@@ -680,7 +681,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   if step == total_steps:
     eval_metrics = evaluate_at(step, log=not any(
         r['step'] == step and r['split'] == dataset.eval_name
-        for r in metric_writers.read_metrics(workdir)))
+        for r in logged))
   batches = pipeline.train_iter(start_step)
   try:
     with _PreemptionFlag() as preempted:
