@@ -67,9 +67,6 @@ def validate_config(data: ml_collections.ConfigDict) -> None:
   check(data.data_workers <= MAX_DATA_WORKERS, 'data.data_workers',
         data.data_workers,
         f'must be at most {MAX_DATA_WORKERS} threads (0 = one per core)')
-  if data.use_extra_split:
-    check(bool(spec.extra_splits), 'data.use_extra_split', True,
-          f'{data.dataset} has no extra split; set it to False')
   if not spec.streamed:
     check(data.image_size == 0, 'data.image_size', data.image_size,
           f'only streamed datasets '
