@@ -1,9 +1,11 @@
 """A PyTorch NiN built from nin_jax's presets: the benchmark peer of nin-jax.
 
 Not part of the package. Same layers as `nin_jax.models.PRESETS` (k x k conv
-and 1 x 1 convs with ReLU after each, Caffe ceil-mode pooling, dropout, global
-average pooling), same Gaussian(0.05) init, and the same SGD-with-momentum
-step on softmax cross-entropy; channels-last memory format.
+and 1 x 1 convs with ReLU after each, BatchNorm optional, Caffe ceil-mode
+pooling, dropout, global average pooling), the same inits (the author's
+Gaussian(0.05) or flax's truncated He normal), and the same SGD-with-momentum
+step on softmax cross-entropy; channels-last memory format. The benchmark
+times `TorchRunner`; experiments/torch_train.py trains it for the race.
 
   python experiments/benchmark.py --preset cifar10 --batch-size 128
 """
@@ -18,12 +20,27 @@ from nin_jax import models
 VARIANTS = ('eager', 'compile', 'bf16')
 
 
+def init_weight(weight: torch.Tensor, weight_init: str) -> None:
+  """'faithful': N(0, 0.05); 'modern': flax's he_normal (a normal truncated at
+  2 standard deviations, rescaled to variance 2 / fan_in)."""
+  if weight_init == 'faithful':
+    nn.init.normal_(weight, std=models.FAITHFUL_STDDEV)
+    return
+  fan_in = weight[0].numel()
+  std = (2.0 / fan_in) ** 0.5 / 0.87962566103423978
+  nn.init.trunc_normal_(weight, std=std, a=-2 * std, b=2 * std)
+
+
 class TorchNiN(nn.Module):
   """The NiN of a `models.PRESETS` entry; input [batch, channels, h, w]."""
 
   def __init__(self, preset: str, dropout_rate: float = 0.5,
-               batch_norm: bool = False):
+               batch_norm: bool = False, weight_init: str = 'faithful',
+               final_relu: bool = True):
     super().__init__()
+    if weight_init not in ('faithful', 'modern'):
+      raise ValueError(f"weight_init must be 'faithful' or 'modern', got "
+                       f'{weight_init!r}.')
     spec = models.PRESETS[preset]
     layers = []
     in_channels = spec.channels
@@ -36,13 +53,14 @@ class TorchNiN(nn.Module):
                          stride=block.stride if j == 0 else 1,
                          padding=block.padding if j == 0 else 0,
                          bias=not batch_norm)
-        nn.init.normal_(conv.weight, std=models.FAITHFUL_STDDEV)
+        init_weight(conv.weight, weight_init)
         layers.append(conv)
         if batch_norm:
           layers.append(nn.BatchNorm2d(width, momentum=0.1, eps=1e-5))
         else:
           nn.init.zeros_(conv.bias)
-        layers.append(nn.ReLU(inplace=True))
+        if not (last and j == len(widths) - 1) or final_relu:
+          layers.append(nn.ReLU(inplace=True))
         in_channels = width
       if block.pool == 'max':
         layers.append(nn.MaxPool2d(block.pool_window, block.pool_stride,

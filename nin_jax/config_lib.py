@@ -90,6 +90,8 @@ def default_config() -> ml_collections.ConfigDict:
   t.num_epochs = 10.0
   t.num_train_steps = -1          # -1: derived from num_epochs.
   t.seed = 0
+  t.label_smoothing = 0.0         # Train loss against (1-a) one-hot + a/classes.
+  t.eval_flip = False             # Evaluate on the mean logits of image and mirror.
   t.log_every_steps = 50
   t.eval_every_steps = 0          # 0: once per epoch.
   t.checkpoint_every_steps = 0    # 0: once per epoch.
@@ -265,6 +267,15 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
           f'{height}x{width} images '
           f'(its convolutions and pools need at least '
           f'{_min_input_size(blocks)} pixels); {fix}.')
+
+
+def check_eval_flip(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError if test-time flips are asked for on a dataset whose
+  classes a mirror image changes (digits)."""
+  _check(not c.train.eval_flip or datasets.lookup(c.data.dataset).flip,
+         'train.eval_flip', c.train.eval_flip,
+         f'{c.data.dataset} is a digit dataset, whose mirror images are not '
+         'its classes; set it False')
 
 
 def check_batch_size(c: ml_collections.ConfigDict,

@@ -7,7 +7,9 @@ evaluates it as the training run does (inference.evaluate) on the run's
 evaluation split or `--split` ('test', 'validation' for a run with
 config.data.validation_split, 'train'); prints one JSON line: loss, accuracy,
 top5_accuracy (more than 5 classes), error, examples, step. `--dataset` and
-`--data_dir` say where the data is now, if it moved.
+`--data_dir` say where the data is now, if it moved. `--flip` / `--noflip`
+evaluate with or without test-time mirror averaging (default: as the run
+did, config.train.eval_flip).
 """
 
 import json
@@ -28,6 +30,8 @@ flags.DEFINE_enum('split', '', ('',) + input_pipeline.SPLITS,
 flags.DEFINE_string('dataset', None, 'Overrides config.data.dataset (npz:PATH, '
                     'tfds:NAME).')
 flags.DEFINE_string('data_dir', None, 'Overrides config.data.data_dir (TFDS).')
+flags.DEFINE_bool('flip', None, 'Average the logits of each image and its '
+                  'mirror (default: as the run did, config.train.eval_flip).')
 flags.mark_flags_as_required(['workdir'])
 
 
@@ -41,7 +45,7 @@ def main(argv):
     runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
                           c.runtime.cpu_devices)
     result = inference.evaluate(FLAGS.workdir, FLAGS.step, FLAGS.split,
-                                **overrides)
+                                FLAGS.flip, **overrides)
   print(json.dumps(result))
 
 

@@ -114,15 +114,18 @@ def probabilities_fn(trained: TrainedModel, conv_impl: str = 'xla'
                      ) -> Callable[[Any, jax.Array], jax.Array]:
   """`fn(variables, images)`: class probabilities [batch, classes] of images
   [batch, height, width, channels] in the dataset's pixel units (uint8, or
-  float), normalized as in training (the spec's statistics) inside.
-  `conv_impl` 'xla' keeps every convolution a plain XLA op (portable)."""
+  float), normalized as in training (the spec's statistics) inside, and
+  averaged with the mirror image's if the run evaluated so
+  (config.train.eval_flip). `conv_impl` 'xla' keeps every convolution a plain
+  XLA op (portable)."""
   model = trained.model.clone(conv=conv_select.conv_module(conv_impl))
   normalize = preprocessing.normalizer(trained.spec.fitted)
+  flip = trained.config.train.eval_flip
 
   def fn(variables: Any, images: jax.Array) -> jax.Array:
     if not variables.get('batch_stats'):
       variables = {'params': variables['params']}
-    logits = model.apply(variables, normalize(images), train=False)
+    logits = train.eval_logits(model, variables, normalize(images), flip)
     return jax.nn.softmax(logits, axis=-1)
 
   return fn
@@ -174,20 +177,25 @@ def eval_split(c: ml_collections.ConfigDict, spec: input_spec.InputSpec,
 
 
 def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
+             flip: Optional[bool] = None,
              **data_overrides: Any) -> dict[str, Any]:
   """Metrics of `workdir`'s checkpoint (newest, or `step`) on `split` (''
   the run's evaluation split), as the training run computes them: the same
-  compiled eval step and batches, the saved statistics; and 'step'.
-  `data_overrides` replace config.data fields (dataset, data_dir). One process,
-  on all of its devices."""
+  compiled eval step and batches, the saved statistics; and 'step'. `flip`:
+  average with the mirror images or not (None: as the run did,
+  config.train.eval_flip). `data_overrides` replace config.data fields
+  (dataset, data_dir). One process, on all of its devices."""
   trained = load(workdir, step)
   c = trained.config
   c.data.update(data_overrides)
+  if flip is not None:
+    c.train.eval_flip = bool(flip)
+  config_lib.check_eval_flip(c)
   data, normalize_fn = eval_split(c, trained.spec, split)
   mesh = train.create_mesh()
   replicated = NamedSharding(mesh, P())
   eval_fn = train.compile_eval_step(trained.model, mesh, replicated,
-                                    normalize_fn)
+                                    normalize_fn, c.train.eval_flip)
   state = jax.device_put(train.TrainState(
       step=trained.step, params=trained.variables['params'],
       batch_stats=trained.variables['batch_stats'], opt_state=None,

@@ -101,6 +101,8 @@ def validate_train_config(t: ml_collections.ConfigDict) -> None:
           'train.num_train_steps', t.num_train_steps,
           'must be a positive integer, or -1 to use train.num_epochs')
   check(0 <= t.seed < 2**31, 'train.seed', t.seed, 'must be in [0, 2**31)')
+  check(0 <= t.label_smoothing < 1, 'train.label_smoothing', t.label_smoothing,
+        'must be in [0, 1)')
 
 
 def validate_config(c: ml_collections.ConfigDict,
@@ -117,6 +119,7 @@ def validate_config(c: ml_collections.ConfigDict,
   optimizer_lib.validate_config(c.optim)
   validate_train_config(c.train)
   runtime.validate_config(c.runtime)
+  config_lib.check_eval_flip(c)
   if num_devices is not None:
     config_lib.check_devices(c, num_devices)
 
@@ -139,25 +142,36 @@ def create_train_state(model: models.NiN, tx: optax.GradientTransformation,
       rng=jax.random.key_data(jax.random.key(seed)))
 
 
-def _apply(model, state_or_params, batch_stats, images, train, rng=None):
-  variables = {'params': state_or_params}
+def _apply_train(model, params, batch_stats, images, rng):
+  variables = {'params': params}
   if batch_stats:
     variables['batch_stats'] = batch_stats
-  if train:
-    return model.apply(variables, images, train=True, rngs={'dropout': rng},
-                       mutable=['batch_stats'] if batch_stats else [])
-  return model.apply(variables, images, train=False)
+  return model.apply(variables, images, train=True, rngs={'dropout': rng},
+                     mutable=['batch_stats'] if batch_stats else [])
+
+
+def eval_logits(model: models.NiN, variables: dict[str, Any],
+                images: jax.Array, flip: bool = False) -> jax.Array:
+  """Logits [batch, classes] of images [batch, height, width, channels] in
+  inference mode; with `flip`, the mean of the image's and its mirror's."""
+  logits = model.apply(variables, images, train=False)
+  if flip:
+    logits = (logits + model.apply(variables, images[:, :, ::-1],
+                                   train=False)) / 2
+  return logits
 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *,
                model: models.NiN, tx: optax.GradientTransformation,
                schedule: optimizer_lib.Schedule, augment_fn: Optional[Callable],
-               plateau: bool) -> tuple[TrainState, dict[str, jax.Array]]:
+               plateau: bool, label_smoothing: float = 0.0
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One SGD step on a global batch {'image': [batch, h, w, c], 'label':
   [batch]}.
 
   Dropout and augmentation keys are folded from (run key, step), so a run is
-  reproducible and independent of the device count.
+  reproducible and independent of the device count. `label_smoothing` a: the
+  loss is the cross-entropy against (1 - a) one-hot + a / classes.
   """
   step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng),
                                 state.step)
@@ -167,10 +181,15 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *,
     images = augment_fn(images, augment_key)
 
   def loss_fn(params):
-    logits, updates = _apply(model, params, state.batch_stats, images, True,
-                             dropout_key)
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits,
-                                                           labels).mean()
+    logits, updates = _apply_train(model, params, state.batch_stats, images,
+                                   dropout_key)
+    if label_smoothing:
+      targets = optax.smooth_labels(
+          jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+      loss = optax.softmax_cross_entropy(logits, targets).mean()
+    else:
+      loss = optax.softmax_cross_entropy_with_integer_labels(
+          logits, labels).mean()
     return loss, (logits, updates)
 
   (loss, (logits, updates)), grads = jax.value_and_grad(
@@ -213,12 +232,15 @@ def all_finite(tree: Any) -> jax.Array:
 
 
 def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
-              model: models.NiN) -> dict[str, jax.Array]:
+              model: models.NiN, flip: bool = False) -> dict[str, jax.Array]:
   """Sums of loss and correct predictions (top-1, and top-5 for more than 5
   classes) over the rows of a batch {'image', 'label', 'mask'} whose mask is
-  True."""
+  True; with `flip`, of the logits averaged with the mirror image's."""
   images, labels, mask = batch['image'], batch['label'], batch['mask']
-  logits = _apply(model, state.params, state.batch_stats, images, False)
+  variables = {'params': state.params}
+  if state.batch_stats:
+    variables['batch_stats'] = state.batch_stats
+  logits = eval_logits(model, variables, images, flip)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, -1) == labels
   sums = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
@@ -262,22 +284,25 @@ def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
       _under_mesh(mesh, _normalize_first(functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
           augment_fn=input_pipeline.device_augment_fn(c.data),
-          plateau=c.optim.schedule == 'plateau'), normalize_fn)),
+          plateau=c.optim.schedule == 'plateau',
+          label_smoothing=c.train.label_smoothing), normalize_fn)),
       in_shardings=(state_sharding, data),
       out_shardings=(state_sharding, NamedSharding(mesh, P())),
       donate_argnums=(0,))
   return train_fn, compile_eval_step(model, mesh, state_sharding,
-                                     normalize_fn)
+                                     normalize_fn, c.train.eval_flip)
 
 
 def compile_eval_step(model: models.NiN, mesh: Mesh, state_sharding: Any,
-                      normalize_fn: Optional[Callable] = None) -> Callable:
+                      normalize_fn: Optional[Callable] = None,
+                      flip: bool = False) -> Callable:
   """The jitted eval step, batch sharded over 'data', fed
-  `normalize_fn(images)` when given."""
+  `normalize_fn(images)` when given; `flip`: test-time mirror averaging."""
   data = NamedSharding(mesh, P(DATA_AXIS))
   return jax.jit(
       _under_mesh(mesh, _normalize_first(
-          functools.partial(eval_step, model=model), normalize_fn)),
+          functools.partial(eval_step, model=model, flip=flip),
+          normalize_fn)),
       in_shardings=(state_sharding, data),
       out_shardings=NamedSharding(mesh, P()))
 

@@ -206,3 +206,11 @@ def test_commands_print_json_and_one_line_errors(run, tmp_path):
       f'once more, python -m nin_jax.main --config=CONFIG --workdir={old} '
       f'with the config it was trained with (see {old}/config.json): it '
       f'resumes at the last step, writes the file and trains no further.']
+
+
+def test_evaluate_refuses_test_time_flips_on_digits(run):
+  workdir, _, _ = run
+  out = command('evaluate', f'--workdir={workdir}', '--flip')
+  assert out.returncode == 2 and 'Traceback' not in out.stderr
+  assert len(error_lines(out.stderr)) == 1
+  assert 'config.train.eval_flip=True' in error_lines(out.stderr)[0]
