@@ -58,6 +58,7 @@ import numpy as np
 from nin_jax import cli
 from nin_jax import config_lib
 from nin_jax import metric_writers
+from paper_tables import flag_value  # --config.FIELD=VALUE spelling.
 
 FRAMEWORKS = ('jax', 'torch')
 NAMES = {'jax': 'nin-jax', 'torch': 'PyTorch (eager)'}
@@ -120,10 +121,6 @@ def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
                                                 names))
     c.update_from_flattened_dict({field: value})
   return c
-
-
-def flag_value(value: Any) -> str:
-  return repr(value) if isinstance(value, float) else str(value)
 
 
 def jax_command(args: argparse.Namespace, workdir: pathlib.Path,

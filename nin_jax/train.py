@@ -142,11 +142,15 @@ def create_train_state(model: models.NiN, tx: optax.GradientTransformation,
       rng=jax.random.key_data(jax.random.key(seed)))
 
 
+def _variables(params: Any, batch_stats: Any) -> dict[str, Any]:
+  """The model's variables; 'batch_stats' only for a model with BatchNorm."""
+  return ({'params': params, 'batch_stats': batch_stats} if batch_stats
+          else {'params': params})
+
+
 def _apply_train(model, params, batch_stats, images, rng):
-  variables = {'params': params}
-  if batch_stats:
-    variables['batch_stats'] = batch_stats
-  return model.apply(variables, images, train=True, rngs={'dropout': rng},
+  return model.apply(_variables(params, batch_stats), images, train=True,
+                     rngs={'dropout': rng},
                      mutable=['batch_stats'] if batch_stats else [])
 
 
@@ -237,10 +241,8 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
   classes) over the rows of a batch {'image', 'label', 'mask'} whose mask is
   True; with `flip`, of the logits averaged with the mirror image's."""
   images, labels, mask = batch['image'], batch['label'], batch['mask']
-  variables = {'params': state.params}
-  if state.batch_stats:
-    variables['batch_stats'] = state.batch_stats
-  logits = eval_logits(model, variables, images, flip)
+  logits = eval_logits(model, _variables(state.params, state.batch_stats),
+                       images, flip)
   losses = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jnp.argmax(logits, -1) == labels
   sums = {'loss_sum': jnp.sum(jnp.where(mask, losses, 0.0)),
