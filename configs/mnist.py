@@ -5,6 +5,11 @@ r"""NiN on MNIST, no augmentation, pixels scaled to [0, 1] (the paper's Table 4:
   # offline, from the Keras-layout arrays:
   python -m nin_jax.main --config=configs/mnist.py --workdir=runs/mnist \
       --config.data.dataset=npz:../shared/data/mnist/mnist.npz
+
+Variants (`--config=configs/mnist.py:VARIANT`):
+  gap        He init + BatchNorm after every conv (default)
+  faithful   the author's N(0, 0.05) init without BatchNorm: stalls at ln(10)
+             here at learning rate 0.1 and 0.05 (README, Results)
 """
 
 import ml_collections
@@ -12,7 +17,12 @@ import ml_collections
 from nin_jax import config_lib
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ('gap', 'faithful')
+
+
+def get_config(variant: str = 'gap') -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/mnist.py:{variant}: variants are {VARIANTS}.')
   c = config_lib.default_config()
   c.model.preset = 'mnist'
   c.data.dataset = 'tfds:mnist'
@@ -33,4 +43,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.weight_init = 'modern'
   c.model.batch_norm = True
   c.train.log_every_steps = 100
+  if variant == 'faithful':
+    c.model.weight_init = 'faithful'
+    c.model.batch_norm = False
   return c

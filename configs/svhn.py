@@ -5,6 +5,10 @@ r"""NiN on SVHN, train + extra, local contrast normalization (Table 3: 2.35%).
   # the paper's validation set (400 per class of train + 200 per class of extra):
   python -m nin_jax.main --config=configs/svhn.py --workdir=runs/svhn_val \
       --config.data.validation_split=True
+
+Variants (`--config=configs/svhn.py:VARIANT`):
+  gap        He init + BatchNorm after every conv (default)
+  faithful   the author's N(0, 0.05) init without BatchNorm (not run here)
 """
 
 import ml_collections
@@ -12,7 +16,12 @@ import ml_collections
 from nin_jax import config_lib
 
 
-def get_config() -> ml_collections.ConfigDict:
+VARIANTS = ('gap', 'faithful')
+
+
+def get_config(variant: str = 'gap') -> ml_collections.ConfigDict:
+  if variant not in VARIANTS:
+    raise ValueError(f'configs/svhn.py:{variant}: variants are {VARIANTS}.')
   c = config_lib.default_config()
   c.model.preset = 'svhn'
   c.data.dataset = 'tfds:svhn_cropped'
@@ -33,4 +42,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.model.weight_init = 'modern'
   c.model.batch_norm = True
   c.train.log_every_steps = 100
+  if variant == 'faithful':
+    c.model.weight_init = 'faithful'
+    c.model.batch_norm = False
   return c

@@ -18,11 +18,15 @@ other from the repository root; the command is recorded, so a row can be rerun
 by hand. A row whose metrics.jsonl holds an evaluation at its final step is
 finished and is not run again (nin_jax.main would evaluate it once more and
 append a duplicate record); an unfinished one is relaunched and resumes from
-its newest checkpoint. The dataset tables run each row's own config; with
+its newest checkpoint. A row whose config (config.json) is that of a finished
+row of another table in the same WORKDIR (`dropout/dropout` and `heads/gap`
+are the same run) is not trained again: its folder becomes a link to that row's
+and the table says so. The dataset tables run each row's own config; with
 `--base=CONFIG[:VARIANT]` they run that config instead (`cifar10` then varies
 only data.augment). `heads` varies only model.head and model.head_dropout_rate,
 `dropout` only model.dropout_rate, on `configs/cifar10.py:faithful` (the
-author's model) unless --base names another config.
+author's model) at learning rate 0.05 (half the author's: at 0.1 it stalls at
+ln(10) here) unless --base names another config.
 
 `--steps=N` trains N steps (evaluating and checkpointing every N/5);
 `--epochs=E` trains E epochs; neither: the configs' own lengths. A TFDS
@@ -71,8 +75,11 @@ from nin_jax import metric_writers
 from nin_jax import tfds_source
 from nin_jax import train
 
-# The author's model: the ablations compare on it unless --base says otherwise.
+# The author's model: the ablations compare on it unless --base says otherwise,
+# at half the author's learning rate: at 0.1 it stalls at ln(10) here, at 0.05
+# it learns (README, Initialization).
 AUTHOR_MODEL = 'configs/cifar10.py:faithful'
+AUTHOR_FIELDS = (('optim.learning_rate', 0.05),)
 WALL_FILE = 'wall_seconds.json'  # In WORKDIR/TABLE: seconds per row, summed.
 DATA_ENV = 'NIN_JAX_DATA_DIR'
 # Names a dataset's npz may have in --data (datasets.py reads both for SVHN).
@@ -95,11 +102,12 @@ class Variant:
 class Table:
   """A table of the paper. `base`: the config every row runs unless --base
   names one (None: each row's own `config`, and a --base run sets the rows'
-  `fields`)."""
+  `fields`); `base_fields`: what every row sets on `base` (not on --base)."""
   name: str
   description: str
   variants: tuple[Variant, ...]
   base: Optional[str] = None
+  base_fields: tuple[tuple[str, Any], ...] = ()
 
 
 # Test errors (%) from Lin, Chen & Yan, "Network In Network", ICLR 2014
@@ -133,14 +141,14 @@ TABLES = {t.name: t for t in (
               Variant('fully connected + dropout', 'fc_dropout', 10.88, None,
                       (('model.head', 'fc'),
                        ('model.head_dropout_rate', 0.5)))),
-          base=AUTHOR_MODEL),
+          base=AUTHOR_MODEL, base_fields=AUTHOR_FIELDS),
     Table('dropout', 'dropout between the mlpconv layers on CIFAR-10 (the '
           'paper\'s Figure 3, Section 4.2)', (
               Variant('dropout 0.5', 'dropout', 10.41, None,
                       (('model.dropout_rate', 0.5),)),
               Variant('no dropout', 'no_dropout', None, None,
                       (('model.dropout_rate', 0.0),))),
-          base=AUTHOR_MODEL),
+          base=AUTHOR_MODEL, base_fields=AUTHOR_FIELDS),
 )}
 
 
@@ -282,11 +290,12 @@ def build_rows(table: Table, base: Optional[str], steps: Optional[int],
   """Every row of `table` with its config and --config overrides: the
   fields the table varies (with a base config), the budget's, the data's,
   then `extra` (field, value as typed), which every row gets."""
+  own = dict(table.base_fields) if base is None else {}
   base = base or table.base
   rows, prepared = [], {}
   for variant in table.variants:
     config_spec = base or variant.config
-    varied = dict(variant.fields) if base else {}
+    varied = {**own, **dict(variant.fields)} if base else {}
     config = load_config(config_spec)
     _apply(config, {**varied, **dict(extra)})
     fields, skip, note = data_overrides(config, data_dir, prepared)
@@ -392,6 +401,44 @@ def _add_wall_time(table_dir: pathlib.Path, key: str, seconds: float) -> None:
   (table_dir / WALL_FILE).write_text(json.dumps(times, indent=2) + '\n')
 
 
+def same_run(row: Row, workdir: str) -> Optional[Row]:
+  """A finished row of another table under `workdir` that trained the row's
+  config (its config.json is the row's), as a Row reading that folder; None
+  if there is none."""
+  want = json.loads(row_config(row).to_json())
+  here = pathlib.Path(row.workdir).absolute()
+  for saved in sorted(pathlib.Path(workdir).glob('*/*/config.json')):
+    folder = saved.parent
+    if (folder.is_symlink() or folder.parent == here.parent
+        or json.loads(saved.read_text()) != want):
+      continue
+    other = dataclasses.replace(row, workdir=str(folder), skip=None)
+    if read_result(other) and other.skip is None:
+      return other
+  return None
+
+
+def reuse(row: Row, other: Row, table_dir: pathlib.Path) -> None:
+  """Makes the row's folder a link to `other`'s, which trained the same
+  config, and gives the row that run's results and wall time."""
+  source = pathlib.Path(other.workdir)
+  table_dir.mkdir(parents=True, exist_ok=True)
+  os.symlink(os.path.relpath(source, table_dir), row.workdir,
+             target_is_directory=True)
+  seconds = _wall_times(source.parent).get(source.name)
+  if seconds is not None:
+    _add_wall_time(table_dir, row.variant.key, seconds)
+  read_result(row)
+  _note_reuse(row)
+
+
+def _note_reuse(row: Row) -> None:
+  """Adds to the row's note which row's run it shows."""
+  source = pathlib.Path(row.workdir).resolve()
+  reused = f'the run of {source.parent.name}/{source.name}, the same config'
+  row.note = f'{row.note}; {reused}' if row.note else reused
+
+
 def run_table(table: Table, rows: list[Row], workdir: str) -> None:
   """Runs every row that is neither skipped nor finished, one at a time."""
   table_dir = pathlib.Path(workdir) / table.name
@@ -402,8 +449,15 @@ def run_table(table: Table, rows: list[Row], workdir: str) -> None:
       print(f'paper_tables: {label}: not run: {row.skip}', flush=True)
       continue
     if finished:
+      if pathlib.Path(row.workdir).is_symlink():
+        _note_reuse(row)
       print(f'paper_tables: {label}: finished before, not run again',
             flush=True)
+      continue
+    other = None if os.path.lexists(row.workdir) else same_run(row, workdir)
+    if other is not None:
+      reuse(row, other, table_dir)
+      print(f'paper_tables: {label}: not run again: {row.note}', flush=True)
       continue
     print(f'paper_tables: {label}: {shlex.join(row.command())}', flush=True)
     status, seconds, last = 0, 0.0, ''
@@ -568,7 +622,7 @@ def parse_args(argv: Optional[list[str]]
                       help='train every row this many epochs')
   parser.add_argument('--base', help='CONFIG[:VARIANT] to run the rows on, '
                       f'changing only what the table varies (heads, dropout: '
-                      f'default {AUTHOR_MODEL})')
+                      f'default {AUTHOR_MODEL} with learning rate 0.05)')
   parser.add_argument('--data', default=os.environ.get(DATA_ENV),
                       help='folder with the Keras-layout npz files (NAME.npz '
                       f'or NAME/NAME.npz); default ${DATA_ENV}')

@@ -44,6 +44,7 @@ from nin_jax import metric_writers
 DPI = 100
 # (seconds per unit, name), the largest unit that keeps 2 or more of them.
 TIME_UNITS = ((3600.0, 'h'), (60.0, 'min'), (1.0, 's'))
+MAX_LABEL_FIELDS = 3  # Config fields a legend entry names at most.
 
 
 def label(config: ml_collections.ConfigDict) -> str:
@@ -67,6 +68,7 @@ class Run(NamedTuple):
   eval: dict[str, np.ndarray]
   eval_split: str
   clock: str  # What 'seconds' measures.
+  fields: dict[str, Any] = {}  # The config, flat: 'optim.learning_rate' ...
 
 
 def _first_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -114,7 +116,18 @@ def read_run(workdir: str) -> Run:
        'loss': column(train, 'loss')},
       {'epoch': column(evals, 'step') / steps_per_epoch,
        'seconds': eval_seconds, 'error': column(evals, 'error')},
-      '/'.join(sorted({r['split'] for r in evals})) or 'test', clock)
+      '/'.join(sorted({r['split'] for r in evals})) or 'test', clock,
+      _flat(config.to_dict()))
+
+
+def _flat(tree: dict[str, Any], prefix: str = '') -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      flat[prefix + key] = value
+  return flat
 
 
 def _time_unit(runs: Sequence[Run]) -> tuple[float, str]:
@@ -125,11 +138,24 @@ def _time_unit(runs: Sequence[Run]) -> tuple[float, str]:
 
 
 def _legend_labels(runs: Sequence[Run]) -> list[str]:
-  """Each run's label, with its workdir's name where two labels are equal."""
-  counts = collections.Counter(run.label for run in runs)
-  return [run.label if counts[run.label] == 1 else
-          f'{run.label} ({pathlib.PurePath(run.workdir).name})'
-          for run in runs]
+  """Each run's label; where two are equal, the config fields that tell the
+  runs with that label apart (`dropout_rate=0.0`), else the workdir's name."""
+  groups = collections.defaultdict(list)
+  for run in runs:
+    groups[run.label].append(run)
+  labels = []
+  for run in runs:
+    group = groups[run.label]
+    if len(group) == 1:
+      labels.append(run.label)
+      continue
+    keys = sorted(k for k in {k for r in group for k in r.fields}
+                  if len({repr(r.fields.get(k)) for r in group}) > 1)
+    shown = [f'{k.rsplit(".", 1)[-1]}={run.fields.get(k)}'
+             for k in keys[:MAX_LABEL_FIELDS]]
+    labels.append(f'{run.label} ({", ".join(shown)})' if shown else
+                  f'{run.label} ({pathlib.PurePath(run.workdir).name})')
+  return labels
 
 
 def plot(runs: Sequence[Run]) -> mpl_figure.Figure:

@@ -246,6 +246,26 @@ def test_cifar100_faithful_variant_is_the_authors_solver():
       'modern', 0.1)
 
 
+@pytest.mark.parametrize('name', ['cifar10.py', 'cifar10_aug.py',
+                                  'cifar100.py', 'mnist.py', 'svhn.py'])
+def test_every_dataset_config_has_the_authors_model_and_batchnorm(name):
+  """The default trains with He init + BatchNorm; `:faithful` is the author's
+  init without BatchNorm, everything else the default's dataset and data."""
+  default = config_lib.sibling_config(__file__, f'../configs/{name}')
+  faithful = config_lib.sibling_config(__file__, f'../configs/{name}',
+                                       'faithful')
+  for c in (default, faithful):
+    train.validate_config(c, num_devices=1)
+  assert (default.model.weight_init, default.model.batch_norm) == (
+      'modern', True)
+  assert (faithful.model.weight_init, faithful.model.batch_norm) == (
+      'faithful', False)
+  assert faithful.data == default.data
+  assert faithful.model.preset == default.model.preset
+  with pytest.raises(ValueError, match='variants are'):
+    config_lib.sibling_config(__file__, f'../configs/{name}', 'nope')
+
+
 def test_imagenet_caffe_variant_is_the_zoo_solver():
   from nin_jax import optimizer  # pylint: disable=g-import-not-at-top
   c = config_lib.sibling_config(__file__, '../configs/imagenet.py', 'caffe')

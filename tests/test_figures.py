@@ -221,6 +221,22 @@ def test_plot_curves_two_labelled_lines(workdir, second_workdir):
         [r['step'] for r in train_records], seconds))
 
 
+def test_equal_labels_name_the_fields_that_differ(workdir, tmp_path):
+  """Runs that differ only in fields the label leaves out (the dropout
+  ablation) are told apart by those fields, else by their workdirs."""
+  runs = []
+  for name, rate in (('with', 0.5), ('without', 0.0)):
+    path = copy_with_config(workdir, tmp_path / name, dropout_rate=rate)
+    runs.append(plot_curves.read_run(path))
+  assert plot_curves._legend_labels(runs) == [
+      'quickstart, digits, modern + BN (dropout_rate=0.5)',
+      'quickstart, digits, modern + BN (dropout_rate=0.0)']
+  same = [runs[0], runs[0]._replace(workdir=str(tmp_path / 'again'))]
+  assert plot_curves._legend_labels(same) == [
+      'quickstart, digits, modern + BN (with)',
+      'quickstart, digits, modern + BN (again)']
+
+
 def test_plot_curves_falls_back_to_wall_time_without_train_seconds(
     workdir, tmp_path):
   """Workdirs logged before records had train_seconds: wall time since the

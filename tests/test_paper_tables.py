@@ -8,6 +8,7 @@ import math
 import os
 import pathlib
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -127,6 +128,36 @@ def test_rerun_trains_nothing(heads):
       r['wall_seconds'] for r in table['rows']]
 
 
+def test_same_run_in_another_table_is_reused_not_trained(heads, tmp_path):
+  """dropout/dropout trains the config of heads/gap: with that row finished
+  in the same workdir, it links to it and only no_dropout trains."""
+  source, _, heads_table = heads
+  workdir = tmp_path / 'tables'
+  shutil.copytree(source, workdir, symlinks=True)
+  args = ('--table=dropout', f'--base={QUICKSTART}', f'--steps={STEPS}',
+          f'--workdir={workdir}')
+  result, _ = run_script(*args)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert ('dropout/dropout: not run again: the run of heads/gap, the same '
+          'config') in result.stdout
+  assert result.stderr.count('Training quickstart') == 1  # no_dropout alone.
+  linked = workdir / 'dropout' / 'dropout'
+  assert linked.is_symlink() and linked.resolve() == workdir / 'heads' / 'gap'
+  gap = heads_table['rows'][0]
+  table = json.loads((workdir / 'dropout.json').read_text())
+  reused, trained = table['rows']
+  assert reused['error'] == gap['error'] and reused['steps'] == STEPS
+  assert reused['wall_seconds'] == gap['wall_seconds']
+  assert reused['note'] == 'the run of heads/gap, the same config'
+  assert trained['note'] is None and trained['error'] is not None
+  assert 'the run of heads/gap, the same config' in (
+      workdir / 'dropout.md').read_text()
+  again, _ = run_script(*args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert again.stdout.count('finished before, not run again') == 2
+  assert json.loads((workdir / 'dropout.json').read_text()) == table
+
+
 def test_row_without_final_evaluation_is_unfinished(heads, tmp_path):
   """A row is finished by its evaluation at the final step alone: without it
   (a run killed before), the row is run again and resumes."""
@@ -213,10 +244,14 @@ def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
   budget = {'train.num_train_steps': 50, 'train.eval_every_steps': 10,
             'train.checkpoint_every_steps': 10}
   data = {'data.dataset': f'npz:{data_dir / "cifar10.npz"}'}
+  lr = {'optim.learning_rate': 0.05}  # Half the author's: 0.1 stalls here.
   assert overrides(rows) == [
-      {'model.head': 'gap', 'model.head_dropout_rate': 0.0, **budget, **data},
-      {'model.head': 'fc', 'model.head_dropout_rate': 0.0, **budget, **data},
-      {'model.head': 'fc', 'model.head_dropout_rate': 0.5, **budget, **data}]
+      {**lr, 'model.head': 'gap', 'model.head_dropout_rate': 0.0, **budget,
+       **data},
+      {**lr, 'model.head': 'fc', 'model.head_dropout_rate': 0.0, **budget,
+       **data},
+      {**lr, 'model.head': 'fc', 'model.head_dropout_rate': 0.5, **budget,
+       **data}]
   assert [r.workdir for r in rows] == ['/w/heads/gap', '/w/heads/fc',
                                        '/w/heads/fc_dropout']
   # Each head is the same as configs/cifar10.py's variant of that name, on
@@ -228,6 +263,12 @@ def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
     assert ours.model.head == theirs.model.head
     assert ours.model.head_dropout_rate == theirs.model.head_dropout_rate
     assert ours.model.weight_init == 'faithful' and not ours.model.batch_norm
+    assert ours.optim.learning_rate == 0.05
+  # A --base gets only what the table varies: its own learning rate stays.
+  (gap, *_) = paper_tables.build_rows(paper_tables.TABLES['heads'],
+                                      'configs/cifar10.py', 50, None,
+                                      str(data_dir), [], '/w')
+  assert 'optim.learning_rate' not in gap.overrides
 
 
 def test_dropout_rows_and_epochs_budget(data_dir):
