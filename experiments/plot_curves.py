@@ -24,7 +24,8 @@ import argparse
 import collections
 import pathlib
 import sys
-from typing import Any, NamedTuple, Optional, Sequence
+import types
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -45,6 +46,14 @@ DPI = 100
 # (seconds per unit, name), the largest unit that keeps 2 or more of them.
 TIME_UNITS = ((3600.0, 'h'), (60.0, 'min'), (1.0, 's'))
 MAX_LABEL_FIELDS = 3  # Config fields a legend entry names at most.
+# Fields that do not change what a run learns, never named in a legend.
+BOOKKEEPING = frozenset((
+    'data.data_dir', 'data.cache_dir', 'data.data_workers',
+    'train.eval_batch_size', 'train.log_every_steps', 'train.eval_every_steps',
+    'train.checkpoint_every_steps', 'train.keep_checkpoints',
+    'train.profile_steps', 'train.skip_nonfinite_steps', 'runtime.cpu_devices',
+    'model.conv_impl'))
+GROUP_ORDER = ('model', 'optim', 'data', 'train')  # Legends name these first.
 
 
 def label(config: ml_collections.ConfigDict) -> str:
@@ -68,7 +77,8 @@ class Run(NamedTuple):
   eval: dict[str, np.ndarray]
   eval_split: str
   clock: str  # What 'seconds' measures.
-  fields: dict[str, Any] = {}  # The config, flat: 'optim.learning_rate' ...
+  # The config, flat: {'optim.learning_rate': 0.1, ...}.
+  fields: Mapping[str, Any] = types.MappingProxyType({})
 
 
 def _first_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -137,6 +147,12 @@ def _time_unit(runs: Sequence[Run]) -> tuple[float, str]:
   return next((u for u in TIME_UNITS if longest >= 2 * u[0]), TIME_UNITS[-1])
 
 
+def _field_order(key: str) -> tuple[int, str]:
+  group = key.split('.', 1)[0]
+  return (GROUP_ORDER.index(group) if group in GROUP_ORDER
+          else len(GROUP_ORDER), key)
+
+
 def _legend_labels(runs: Sequence[Run]) -> list[str]:
   """Each run's label; where two are equal, the config fields that tell the
   runs with that label apart (`dropout_rate=0.0`), else the workdir's name."""
@@ -149,8 +165,10 @@ def _legend_labels(runs: Sequence[Run]) -> list[str]:
     if len(group) == 1:
       labels.append(run.label)
       continue
-    keys = sorted(k for k in {k for r in group for k in r.fields}
-                  if len({repr(r.fields.get(k)) for r in group}) > 1)
+    keys = sorted((k for k in {k for r in group for k in r.fields}
+                   if k not in BOOKKEEPING
+                   and len({repr(r.fields.get(k)) for r in group}) > 1),
+                  key=_field_order)
     shown = [f'{k.rsplit(".", 1)[-1]}={run.fields.get(k)}'
              for k in keys[:MAX_LABEL_FIELDS]]
     labels.append(f'{run.label} ({", ".join(shown)})' if shown else

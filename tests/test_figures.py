@@ -231,6 +231,13 @@ def test_equal_labels_name_the_fields_that_differ(workdir, tmp_path):
   assert plot_curves._legend_labels(runs) == [
       'quickstart, digits, modern + BN (dropout_rate=0.5)',
       'quickstart, digits, modern + BN (dropout_rate=0.0)']
+  # Fields that change nothing learnt are left out; the model's come first.
+  for run, lr in zip(runs, (0.1, 0.05)):
+    run.fields.update({'train.eval_every_steps': lr * 100,
+                       'optim.learning_rate': lr})
+  assert plot_curves._legend_labels(runs) == [
+      'quickstart, digits, modern + BN (dropout_rate=0.5, learning_rate=0.1)',
+      'quickstart, digits, modern + BN (dropout_rate=0.0, learning_rate=0.05)']
   same = [runs[0], runs[0]._replace(workdir=str(tmp_path / 'again'))]
   assert plot_curves._legend_labels(same) == [
       'quickstart, digits, modern + BN (with)',
