@@ -476,6 +476,16 @@ def run_table(table: Table, rows: list[Row], workdir: str) -> None:
     row.wall_seconds = times.get(row.variant.key)
 
 
+def config_text(table: Table, base: Optional[str]) -> Optional[str]:
+  """The config every row runs: --base, or the table's own with the fields it
+  sets on it ('configs/cifar10.py:faithful, optim.learning_rate=0.05'); None
+  when each row runs its own."""
+  if base is not None or table.base is None:
+    return base
+  return ', '.join([table.base] + [f'{field}={flag_value(value)}'
+                                   for field, value in table.base_fields])
+
+
 def budget_text(steps: Optional[int], epochs: Optional[float]) -> str:
   if steps is not None:
     return f'{steps} steps per row'
@@ -500,7 +510,8 @@ def markdown(table: Table, rows: list[Row], base: Optional[str],
   the command (run from the repository root)."""
   lines = [
       f'# {table.name}: {table.description}', '',
-      f'Config: {base or table.base or "each row its own"}; budget: {budget}. '
+      f'Config: {config_text(table, base) or "each row its own"}; '
+      f'budget: {budget}. '
       'Test error in percent; the paper\'s from Lin, Chen & Yan, Network In '
       'Network (ICLR 2014). Commands run from the repository root.', '',
       "| variant | paper's test error (%) | ours (%) | steps | epochs | "
@@ -532,7 +543,7 @@ def summary(table: Table, rows: list[Row], base: Optional[str],
   return {
       'table': table.name,
       'description': table.description,
-      'base': base or table.base,
+      'base': config_text(table, base),
       'budget': {'steps': steps, 'epochs': epochs},
       'error_unit': 'percent',
       'rows': [{
@@ -663,7 +674,8 @@ def main(argv: Optional[list[str]] = None) -> None:
   (out / f'{table.name}.json').write_text(json.dumps(
       summary(table, rows, base, args.steps, args.epochs), indent=2) + '\n')
   (out / f'{table.name}.md').write_text(markdown(table, rows, base, budget))
-  wrote_png = plot(table, rows, base or table.base or 'each row its own config',
+  wrote_png = plot(table, rows,
+                   config_text(table, base) or 'each row its own config',
                    budget, str(out / f'{table.name}.png'))
   print(f'paper_tables: wrote {out / table.name}.json, .md'
         f'{", .png" if wrote_png else " (no row has evaluated: no .png)"}',

@@ -269,6 +269,12 @@ def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
                                       'configs/cifar10.py', 50, None,
                                       str(data_dir), [], '/w')
   assert 'optim.learning_rate' not in gap.overrides
+  # The .md, .json and .png name the config with what the table sets on it.
+  tables = paper_tables.TABLES
+  assert paper_tables.config_text(tables['heads'], None) == (
+      'configs/cifar10.py:faithful, optim.learning_rate=0.05')
+  assert paper_tables.config_text(tables['heads'], QUICKSTART) == QUICKSTART
+  assert paper_tables.config_text(tables['cifar10'], None) is None
 
 
 def test_dropout_rows_and_epochs_budget(data_dir):
