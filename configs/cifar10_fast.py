@@ -3,7 +3,7 @@ r"""NiN on CIFAR-10 for the time-to-accuracy race: the paper's layers, a short-b
 
   python -m nin_jax.main --config=configs/cifar10_fast.py --workdir=runs/cifar10_fast \
       --config.data.dataset=npz:../shared/data/cifar10/cifar10.npz
-  python experiments/race.py --framework=both --minutes=55 --out=runs/race
+  python -m experiments.race --framework=both --minutes=55 --out=runs/race
 
 The layers, widths, pooling and GAP head are the paper's CIFAR-10 NiN. What
 differs is the training recipe, each an ordinary choice for a budget of a few

@@ -1,6 +1,6 @@
 r"""Times nin-jax's train and eval steps, side by side with a PyTorch NiN.
 
-  python experiments/benchmark.py --preset cifar10 --batch-size 128
+  python -m experiments.benchmark --preset cifar10 --batch-size 128
 
 The steps are the trainer's own (`train.create_trainer` on the preset's config
 file: loss, gradients, optimizer update, dropout, augmentation if the config
@@ -31,13 +31,12 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
+import jax
+import numpy as np
+
+from nin_jax import runtime
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'experiments'))
-
-import jax  # pylint: disable=g-import-not-at-top,wrong-import-position
-import numpy as np  # pylint: disable=wrong-import-position
-
-from nin_jax import runtime  # pylint: disable=wrong-import-position
 
 PRESETS = ('cifar10', 'cifar100', 'svhn', 'mnist', 'imagenet', 'quickstart')
 
@@ -231,7 +230,7 @@ def torch_variants(choice: str) -> tuple[list[str], Optional[str]]:
   if choice == 'none':
     return [], 'disabled (--torch none)'
   try:
-    import torch_nin  # pylint: disable=g-import-not-at-top,unused-import
+    from experiments import torch_nin  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     return [], f'not installed ({e})'
   if choice == 'all':
@@ -254,7 +253,7 @@ def build_torch(c, variants: list[str], warmup: int
   runners, info = {}, {}
   if not variants:
     return runners, info
-  import torch_nin  # pylint: disable=g-import-not-at-top
+  from experiments import torch_nin  # pylint: disable=g-import-not-at-top
   for variant in variants:
     try:
       runner = torch_nin.TorchRunner(c.model.preset, c.train.batch_size, variant,
@@ -326,11 +325,13 @@ def measure(args: argparse.Namespace, names: list[str]
 
 
 def measure_in_own_process(argv: list[str], name: str) -> dict[str, Any]:
-  """`measure(name)` for one round, in a new process of this script."""
+  """`measure(name)` for one round, in a new process of this script (run in
+  the repository root, where `experiments` imports)."""
   argv = [a for a in argv if a != '--json']
   proc = subprocess.run(
-      [sys.executable, __file__, *argv, '--rounds', '1', '--only', name,
-       '--json'], capture_output=True, text=True, check=False)
+      [sys.executable, '-m', 'experiments.benchmark', *argv, '--rounds', '1',
+       '--only', name, '--json'], cwd=REPO, capture_output=True, text=True,
+      check=False)
   lines = proc.stdout.strip().splitlines()
   if proc.returncode != 0 or not lines:
     return {name: {'error': f'its process exited with {proc.returncode}: '

@@ -1,6 +1,6 @@
 r"""Class confidence maps of a trained NiN: Figure 4 of Lin, Chen & Yan (2014).
 
-  python experiments/confidence_maps.py --workdir=runs/quickstart --out=maps.png
+  python -m experiments.confidence_maps --workdir=runs/quickstart --out=maps.png
 
 For the first `--num_images` images of a split (the test split by default),
 one row each: the image in the dataset's pixel units, then the feature map of
@@ -23,12 +23,7 @@ Needs matplotlib (`pip install -e '.[plot]'`).
 from __future__ import annotations
 
 import argparse
-import pathlib
-import sys
 from typing import Any, Callable, NamedTuple, Optional, Sequence
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib

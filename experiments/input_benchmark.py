@@ -1,9 +1,9 @@
 r"""Input pipeline speed against the train step, for CIFAR-10-shaped data.
 
-  python experiments/input_benchmark.py               # random arrays
-  python experiments/input_benchmark.py --source=npz  # the shared CIFAR-10
-  python experiments/input_benchmark.py --json        # one JSON object
-  python experiments/input_benchmark.py --source=imagenet  # streamed JPEGs
+  python -m experiments.input_benchmark               # random arrays
+  python -m experiments.input_benchmark --source=npz  # the shared CIFAR-10
+  python -m experiments.input_benchmark --json        # one JSON object
+  python -m experiments.input_benchmark --source=imagenet  # streamed JPEGs
 
 Rows:
   train_batches  `input_pipeline.train_batches`: host gather of each global
@@ -36,10 +36,6 @@ import sys
 import tempfile
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import jax
 import numpy as np
 from absl import logging
@@ -50,6 +46,8 @@ from nin_jax import readers
 from nin_jax import preprocessing
 from nin_jax import tfds_source
 from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def default_npz() -> str:

@@ -1,6 +1,7 @@
 r"""Runs nin_jax.main as N cooperating processes on this machine (loopback).
 
-  python experiments/launch_local.py --num_processes=2 --devices_per_process=2 -- \
+  python -m experiments.launch_local --num_processes=2 \
+      --devices_per_process=2 -- \
       --config=configs/quickstart.py --workdir=runs/quickstart_2x2
 
 Each process gets `--devices_per_process` virtual CPU devices, joins JAX's

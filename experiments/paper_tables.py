@@ -1,8 +1,8 @@
 r"""The paper's tables, rerun: every row trained, then ours beside the paper's.
 
-  python experiments/paper_tables.py --table=heads --workdir=runs/tables \
+  python -m experiments.paper_tables --table=heads --workdir=runs/tables \
       --steps=2000 --data=../shared/data
-  python experiments/paper_tables.py --table=heads --workdir=/tmp/tables \
+  python -m experiments.paper_tables --table=heads --workdir=/tmp/tables \
       --base=configs/quickstart.py --steps=60
 
 Tables (the paper: Lin, Chen & Yan, Network in Network, ICLR 2014,
@@ -58,11 +58,6 @@ import sys
 import time
 from typing import Any, NoReturn, Optional, Sequence
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'experiments'))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 
 from absl import logging
@@ -74,6 +69,8 @@ from nin_jax import errors
 from nin_jax import metric_writers
 from nin_jax import tfds_source
 from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 # The author's model: the ablations compare on it unless --base says otherwise,
 # at half the author's learning rate: at 0.1 it stalls at ln(10) here, at 0.05
@@ -567,7 +564,7 @@ def plot(table: Table, rows: list[Row], config: str, budget: str,
   import matplotlib  # The 'plot' extra: imported only when plotting.
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt
-  import plot_curves  # experiments/plot_curves.py: reads metrics.jsonl.
+  from experiments import plot_curves  # Reads metrics.jsonl.
   from nin_jax import inference
   runs = []
   for row in rows:

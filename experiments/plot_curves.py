@@ -1,7 +1,7 @@
 r"""Training curves of one or more workdirs: loss and test error, per epoch
 and per second of training.
 
-  python experiments/plot_curves.py runs/quickstart runs/other --out=curves.png
+  python -m experiments.plot_curves runs/quickstart runs/other --out=curves.png
 
 A 2x2 figure: the training loss (left) and the evaluation error (right)
 against the epoch (top) and against time (bottom), one line per
@@ -23,12 +23,8 @@ from __future__ import annotations
 import argparse
 import collections
 import pathlib
-import sys
 import types
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import matplotlib

@@ -1,7 +1,7 @@
 r"""The time-to-accuracy race: one config, trained by nin-jax and by PyTorch.
 
-  python experiments/race.py --framework=both --minutes=55 --out=runs/race
-  python experiments/race.py --framework=jax --minutes=1 --out=/tmp/race \
+  python -m experiments.race --framework=both --minutes=55 --out=runs/race
+  python -m experiments.race --framework=jax --minutes=1 --out=/tmp/race \
       --config=configs/quickstart.py --data=''
 
 Each framework trains `--config` (default configs/cifar10_fast.py) for a
@@ -47,18 +47,16 @@ import sys
 import time
 from typing import Any, NoReturn, Optional
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / 'experiments'))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 import ml_collections
 import numpy as np
 
+from experiments import race_plan
+from experiments.paper_tables import flag_value  # --config.FIELD=VALUE.
 from nin_jax import cli
 from nin_jax import config_lib
 from nin_jax import metric_writers
-from paper_tables import flag_value  # --config.FIELD=VALUE spelling.
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 FRAMEWORKS = ('jax', 'torch')
 NAMES = {'jax': 'nin-jax', 'torch': 'PyTorch (eager)'}
@@ -135,8 +133,9 @@ def jax_command(args: argparse.Namespace, workdir: pathlib.Path,
 
 def worker_command(args: argparse.Namespace, worker: str,
                    *extra: str) -> list[str]:
-  """This script, as a process of its own doing one job (`worker`)."""
-  command = [sys.executable, __file__, f'--worker={worker}',
+  """This script, as a process of its own doing one job (`worker`); run in
+  the repository root, where `experiments` imports."""
+  command = [sys.executable, '-m', 'experiments.race', f'--worker={worker}',
              f'--config={args.config}', f'--data={args.data}',
              f'--calibration-steps={args.calibration_steps}',
              f'--out={args.out}']
@@ -149,7 +148,7 @@ def run_worker(args: argparse.Namespace) -> None:
   """--worker=calibrate-jax|calibrate-torch|torch: one job, in this process."""
   c = build_config(args)
   if args.worker == 'calibrate-jax':
-    import benchmark  # experiments/benchmark.py: the trainer's own step.
+    from experiments import benchmark  # The trainer's own step.
     from nin_jax import runtime
     runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
                           c.runtime.cpu_devices)
@@ -160,7 +159,7 @@ def run_worker(args: argparse.Namespace) -> None:
     print(json.dumps({'seconds_per_step': seconds}))
   elif args.worker == 'calibrate-torch':
     import torch
-    import torch_train
+    from experiments import torch_train
     from nin_jax import models
     spec = models.PRESETS[c.model.preset]
     seconds = torch_train.seconds_per_step(
@@ -170,7 +169,7 @@ def run_worker(args: argparse.Namespace) -> None:
                       'threads': torch.get_num_threads(),
                       'torch': torch.__version__}))
   elif args.worker == 'torch':
-    import torch_train
+    from experiments import torch_train
     out = pathlib.Path(args.out) / 'torch'
     out.mkdir(parents=True, exist_ok=True)
     log = out / 'curve.jsonl'
@@ -413,12 +412,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     train.validate_config(c)
     frameworks = FRAMEWORKS if args.framework == 'both' else (args.framework,)
     if 'torch' in frameworks:
+      race_plan.check_supported(c)
       try:
-        import torch_train
+        from experiments import torch_train  # pylint: disable=unused-import
       except ImportError as e:
         raise UserError(f'--framework={args.framework} needs PyTorch '
                         f"(pip install -e '.[bench]'): {e}") from e
-      torch_train.check_supported(c)
   except (UserError, config_lib.ConfigError, ValueError) as e:
     fail(str(e))
   out = pathlib.Path(args.out)

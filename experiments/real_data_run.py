@@ -10,16 +10,14 @@ import pathlib
 import sys
 import time
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
 from absl import logging
 
 from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import runtime
 from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def data_root() -> pathlib.Path:

@@ -7,7 +7,7 @@ Gaussian(0.05) or flax's truncated He normal), and the same SGD-with-momentum
 step on softmax cross-entropy; channels-last memory format. The benchmark
 times `TorchRunner`; experiments/torch_train.py trains it for the race.
 
-  python experiments/benchmark.py --preset cifar10 --batch-size 128
+  python -m experiments.benchmark --preset cifar10 --batch-size 128
 """
 
 from __future__ import annotations

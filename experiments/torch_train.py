@@ -17,7 +17,9 @@ mirrors what the config says, so both frameworks run one recipe:
             the mirror image when train.eval_flip
 
 What it cannot mirror it refuses in one line (the plateau schedule, an fc
-head, a streamed dataset, a dtype other than float32).
+head, a streamed dataset, a dtype other than float32). The torch-free parts
+(those checks, the batches, augmentation and learning rates) are in
+experiments/race_plan.py, which the race imports without PyTorch.
 """
 
 from __future__ import annotations
@@ -31,39 +33,10 @@ import numpy as np
 import torch
 from torch import nn
 
-import torch_nin
-from nin_jax import datasets
+from experiments import race_plan
+from experiments import torch_nin
 from nin_jax import input_pipeline
 from nin_jax import models
-from nin_jax import optimizer as optimizer_lib
-
-
-class UnsupportedConfig(ValueError):
-  """A config field the PyTorch peer cannot mirror."""
-
-
-def check_supported(c: ml_collections.ConfigDict) -> None:
-  """Raises UnsupportedConfig naming the first field this trainer cannot
-  mirror."""
-  unsupported = [
-      (c.optim.schedule == 'plateau', 'optim.schedule', c.optim.schedule,
-       'pick constant, step, cosine or one_cycle'),
-      (c.model.head != 'gap', 'model.head', c.model.head, "use 'gap'"),
-      (c.model.second_pool != '', 'model.second_pool', c.model.second_pool,
-       "use '' (the preset's)"),
-      (c.model.dtype != 'float32', 'model.dtype', c.model.dtype,
-       "use 'float32'"),
-      (datasets.lookup(c.data.dataset).streamed, 'data.dataset',
-       c.data.dataset, 'use an in-memory dataset (npz: or a small tfds:)'),
-      (c.model.weight_init == 'faithful' and any(
-          b.init_stddevs for b in models.PRESETS[c.model.preset].blocks),
-       'model.weight_init',
-       c.model.weight_init, 'per-layer stds are not mirrored; use modern'),
-  ]
-  for bad, field, value, fix in unsupported:
-    if bad:
-      raise UnsupportedConfig(f'config.{field}={value!r}: the PyTorch peer '
-                              f'does not mirror it; {fix}.')
 
 
 def build_model(m: ml_collections.ConfigDict) -> torch_nin.TorchNiN:
@@ -97,31 +70,6 @@ def param_groups(model: torch_nin.TorchNiN, optim: ml_collections.ConfigDict
   return [{'params': params, 'mult': mults[name],
            'weight_decay': optim.weight_decay if 'weight' in name else 0.0}
           for name, params in groups.items() if params]
-
-
-def learning_rates(optim: ml_collections.ConfigDict, steps_per_epoch: int,
-                   num_steps: int) -> np.ndarray:
-  """The base learning rate of steps 0 .. num_steps - 1, from nin-jax's own
-  schedule function."""
-  schedule = optimizer_lib.learning_rate_schedule(optim, steps_per_epoch,
-                                                  num_steps)
-  return np.asarray([float(schedule(i)) for i in range(num_steps)])
-
-
-def augment(images: np.ndarray, rng: np.random.Generator, translate: int,
-            flip: bool) -> np.ndarray:
-  """images [batch, height, width, channels] shifted by up to `translate`
-  pixels (zero padding) and, if `flip`, mirrored with probability 1/2."""
-  batch, height, width, _ = images.shape
-  t = translate
-  padded = np.pad(images, ((0, 0), (t, t), (t, t), (0, 0)))
-  dy, dx = rng.integers(0, 2 * t + 1, (2, batch))
-  mirror = rng.random(batch) < 0.5 if flip else np.zeros(batch, bool)
-  cols = np.where(mirror[:, None], np.arange(width)[::-1], np.arange(width))
-  rows = dy[:, None] + np.arange(height)
-  cols = dx[:, None] + cols
-  return padded[np.arange(batch)[:, None, None], rows[:, :, None],
-                cols[:, None, :]]
 
 
 def to_torch(images: np.ndarray) -> torch.Tensor:
@@ -177,7 +125,7 @@ class Trainer:
 def create_trainer(c: ml_collections.ConfigDict, num_train_examples: int,
                    num_steps: int) -> Trainer:
   """A fresh model (seeded by train.seed) and its optimizer for `num_steps`."""
-  check_supported(c)
+  race_plan.check_supported(c)
   torch.manual_seed(c.train.seed)
   model = build_model(c.model)
   optimizer = torch.optim.SGD(
@@ -187,21 +135,9 @@ def create_trainer(c: ml_collections.ConfigDict, num_train_examples: int,
   steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples,
                                                    c.train.batch_size)
   return Trainer(c, model, optimizer,
-                 learning_rates(c.optim, steps_per_epoch, num_steps),
+                 race_plan.learning_rates(c.optim, steps_per_epoch,
+                                          num_steps),
                  steps_per_epoch)
-
-
-def train_batch(c: ml_collections.ConfigDict, split: input_pipeline.Split,
-                step: int) -> tuple[np.ndarray, np.ndarray]:
-  """Global batch `step` (nin-jax's indices), augmented as the config says."""
-  idx = input_pipeline.train_batch_indices(c.train.seed, step,
-                                           c.train.batch_size, len(split))
-  images, labels = split.images[idx], split.labels[idx]
-  if c.data.augment:
-    rng = np.random.default_rng([c.train.seed, step])
-    images = augment(images, rng, c.data.translate_pixels,
-                     input_pipeline.flip_allowed(c.data))
-  return images, labels
 
 
 def seconds_per_step(c: ml_collections.ConfigDict, image_shape: tuple,
@@ -232,14 +168,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict, num_steps: int,
   excluded),
   test_accuracy, test_loss and train_loss (the mean since the last record).
   """
-  check_supported(c)
+  race_plan.check_supported(c)
   spec = models.PRESETS[c.model.preset]
   dataset = input_pipeline.load_dataset(c.data, spec.num_classes)
   trainer = create_trainer(c, len(dataset.train), num_steps)
   curve, losses, trained = [], [], 0.0
   for step in range(num_steps):
     start = time.perf_counter()
-    images, labels = train_batch(c, dataset.train, step)
+    images, labels = race_plan.train_batch(c, dataset.train, step)
     losses.append(trainer.train_step(images, labels))
     trained += time.perf_counter() - start
     done = step + 1

@@ -1,6 +1,6 @@
 r"""configs/mnist.py on the genuine MNIST in ../shared/data/mnist/mnist.npz.
 
-  python experiments/train_mnist.py --workdir=runs/mnist_real --epochs=2
+  python -m experiments.train_mnist --workdir=runs/mnist_real --epochs=2
 
 The full configuration (60 epochs) is the command without --epochs. The data
 path is --npz=PATH or $NIN_JAX_DATA_DIR/mnist/mnist.npz. Trains with
@@ -8,7 +8,7 @@ path is --npz=PATH or $NIN_JAX_DATA_DIR/mnist/mnist.npz. Trains with
 wall time.
 """
 
-import real_data_run
+from experiments import real_data_run
 
 if __name__ == '__main__':
   real_data_run.run('mnist', 'mnist.py', 'mnist/mnist.npz', __doc__)

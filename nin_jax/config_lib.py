@@ -39,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   # 'npz:PATH' (Keras layout), 'tfds:NAME' or 'sklearn:digits'.
   d.dataset = 'tfds:cifar10'
   d.data_dir = ''                 # TFDS data_dir ('' = TFDS default).
-  d.cache_dir = ''                # ZCA statistics cache ('' = ~/.cache/nin_jax).
+  d.cache_dir = ''                # ZCA statistics cache ('' = $XDG_CACHE_HOME/nin_jax or ~/.cache/nin_jax).
   d.preprocessing = 'scale'       # One of input_pipeline.PREPROCESSING.
   d.validation_split = False      # Hold out the paper's validation set.
   d.use_extra_split = False       # SVHN: train on train + extra (the paper).

@@ -13,11 +13,13 @@ did, config.train.eval_flip).
 """
 
 import json
+import re
 
 from absl import app
 from absl import flags
 
 from nin_jax import cli
+from nin_jax import errors
 from nin_jax import inference
 from nin_jax import input_pipeline
 from nin_jax import runtime
@@ -34,6 +36,17 @@ flags.DEFINE_bool('flip', None, 'Average the logits of each image and its '
                   'mirror (default: as the run did, config.train.eval_flip).')
 flags.mark_flags_as_required(['workdir'])
 
+# The data errors name the training command's fields and flags
+# (--config.data.dataset=...); this command's flags for them are these.
+_DATA_FIELD = re.compile(r'(?:--)?config\.data\.(dataset|data_dir)\b')
+
+
+def with_evaluate_flags(message: str) -> str:
+  """`message` with config.data.dataset and config.data.data_dir (and their
+  --config. flags, which this command rejects) named as --dataset and
+  --data_dir."""
+  return _DATA_FIELD.sub(r'--\1', message)
+
 
 def main(argv):
   cli.check_no_arguments(argv)
@@ -44,8 +57,11 @@ def main(argv):
     # Before JAX starts: the training run's split over virtual CPU devices.
     runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
                           c.runtime.cpu_devices)
-    result = inference.evaluate(FLAGS.workdir, FLAGS.step, FLAGS.split,
-                                FLAGS.flip, **overrides)
+    try:
+      result = inference.evaluate(FLAGS.workdir, FLAGS.step, FLAGS.split,
+                                  FLAGS.flip, **overrides)
+    except (errors.ConfigError, errors.DataError) as e:
+      raise type(e)(with_evaluate_flags(str(e))) from None
   print(json.dumps(result))
 
 

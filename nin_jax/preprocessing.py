@@ -85,7 +85,10 @@ def _fingerprint(x: np.ndarray, *params) -> str:
 
 
 def default_cache_dir() -> str:
-  return os.path.join(os.path.expanduser('~'), '.cache', 'nin_jax')
+  """`$XDG_CACHE_HOME/nin_jax`, else `~/.cache/nin_jax`."""
+  return os.path.join(os.environ.get('XDG_CACHE_HOME') or
+                      os.path.join(os.path.expanduser('~'), '.cache'),
+                      'nin_jax')
 
 
 def cached_zca(train: np.ndarray, cache_dir: Optional[str],

@@ -1,78 +1,157 @@
-"""Shared pytest fixtures for nin-jax."""
+"""Shared pytest configuration and fixtures for nin-jax.
+
+The environment every test sees is pinned here, before any test module
+imports JAX, so that no outcome depends on the caller's shell: the platform
+(CPU), the device count of the test process (one: a caller's
+`--xla_force_host_platform_device_count` is removed), no cluster variables
+(a run inside a SLURM or Open MPI allocation must not join a distributed
+runtime), and fresh cache directories for XLA, nin-jax's ZCA statistics and
+TFDS, so a result never comes from a cache an earlier run left behind. The
+processes the tests start inherit all of it.
+"""
 
 import atexit
-import json
+import fcntl
+import importlib.abc
 import os
-import pathlib
+import re
 import shutil
+import socket
+import sys
 import tempfile
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+_SESSION_DIR = tempfile.mkdtemp(prefix='nin_jax_tests_')
+atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
 
-# One persistent XLA compilation cache for this test session, shared by the
-# processes the tests start (they inherit the environment): the many short
-# runs of the same quick-start model compile each step once, not once per
-# run. A fresh directory per session, so no result depends on an old cache.
-if 'JAX_COMPILATION_CACHE_DIR' not in os.environ:
-  os.environ['JAX_COMPILATION_CACHE_DIR'] = tempfile.mkdtemp(
-      prefix='nin_jax_test_xla_cache_')
-  atexit.register(shutil.rmtree, os.environ['JAX_COMPILATION_CACHE_DIR'],
-                  ignore_errors=True)
+# Variables that change what JAX runs on, how many devices it has, its
+# numerics, or whether a process joins a multi-process job.
+_UNPINNED = ('JAX_NUM_CPU_DEVICES', 'JAX_ENABLE_X64', 'JAX_DISABLE_JIT',
+             'JAX_DEFAULT_MATMUL_PRECISION', 'JAX_DEFAULT_DTYPE_BITS',
+             'JAX_COORDINATOR_ADDRESS', 'JAX_NUM_PROCESSES', 'JAX_PROCESS_ID',
+             'SLURM_NTASKS', 'SLURM_JOB_ID', 'OMPI_COMM_WORLD_SIZE',
+             'OMPI_COMM_WORLD_RANK', 'TPU_WORKER_HOSTNAMES',
+             'CLOUD_STORAGE_EMULATOR_ENDPOINT', 'TFDS_DATA_DIR')
 
 
-def shared_data_dir() -> pathlib.Path:
-  """Real datasets (MNIST, CIFAR-10 .npz); override with NIN_JAX_DATA_DIR."""
-  return pathlib.Path(os.environ.get('NIN_JAX_DATA_DIR',
-                                     REPO.parent / 'shared' / 'data'))
+def _pin_environment(environ) -> None:
+  for name in _UNPINNED:
+    environ.pop(name, None)
+  environ['JAX_PLATFORMS'] = 'cpu'
+  xla_flags = re.sub(r'--xla_force_host_platform_device_count=\S*', '',
+                     environ.get('XLA_FLAGS', '')).split()
+  if xla_flags:
+    environ['XLA_FLAGS'] = ' '.join(xla_flags)
+  else:
+    environ.pop('XLA_FLAGS', None)
+  # One persistent XLA compilation cache per session, shared by the processes
+  # the tests start: the many short runs of the quick-start model compile each
+  # step once. Fresh each session, so no result depends on an old cache.
+  for name, sub in (('JAX_COMPILATION_CACHE_DIR', 'xla_cache'),
+                    ('XDG_CACHE_HOME', 'cache'),
+                    ('TFDS_DATA_DIR', 'tensorflow_datasets')):
+    environ[name] = os.path.join(_SESSION_DIR, sub)
+    os.makedirs(environ[name], exist_ok=True)
+
+
+_pin_environment(os.environ)
+
+# Test files in the order xdist should start them (`--dist loadfile` hands
+# out whole files in collection order): the longest first, so the two workers
+# finish together instead of one waiting on a late heavy file.
+_HEAVY_FIRST = (
+    'test_multiprocess', 'test_reliability', 'test_cloud_storage',
+    'test_paper_tables', 'test_real_data', 'test_train', 'test_inference',
+    'test_race', 'test_author_model', 'test_cpu_kernels', 'test_experiments',
+    'test_train_failures', 'test_figures', 'test_models',
+)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Puts heavy files first (a stable sort: the order inside a file is
+  kept)."""
+  del config
+  rank = {name: i for i, name in enumerate(_HEAVY_FIRST)}
+  items.sort(key=lambda item: rank.get(
+      item.module.__name__.rpartition('.')[2], len(rank)))
 
 
 @pytest.fixture
-def repo_root() -> pathlib.Path:
+def repo_root():
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
   return REPO
 
 
 @pytest.fixture
 def quickstart_config():
   """The quick-start config, for tests to shorten."""
+  from helpers import REPO  # pylint: disable=g-import-not-at-top
   from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.load_config_file(str(REPO / 'configs' / 'quickstart.py'))
 
 
 @pytest.fixture(scope='session')
 def reference(tmp_path_factory):
-  """The final state of test_reliability's uninterrupted quick-start run, made
-  once per session for every test that compares a resumed run with it."""
-  import test_reliability  # pylint: disable=g-import-not-at-top
-  return test_reliability.reference_run(tmp_path_factory)
+  """The final state of the uninterrupted quick-start run of helpers.launch,
+  for every test that compares a resumed run with it. Made once per session:
+  xdist's workers share it through their common temporary directory, the
+  first to need it training it while the others wait on a lock."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  root = tmp_path_factory.getbasetemp()
+  if os.environ.get('PYTEST_XDIST_WORKER'):
+    root = root.parent  # This session's, shared by its workers.
+  with open(root / 'reference_run.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    return helpers.reference_run(root / 'reference_run')
 
 
-def restore_in_this_process(workdir: str, saved: dict, num_train_examples: int,
-                            image_shape=(8, 8, 1)) -> int:
-  """Restores WORKDIR's newest checkpoint through nin_jax (one device, its
-  config.json's model) and asserts every array of the state equals `saved`
-  (the checkpoint as plain orbax reads it), element by element; returns the
-  restored step."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  import numpy as np  # pylint: disable=g-import-not-at-top
-  from etils import epath  # pylint: disable=g-import-not-at-top
-  from nin_jax import checkpoints, train  # pylint: disable=g-import-not-at-top
-  c = ml_collections.ConfigDict(json.loads(
-      (epath.Path(workdir) / 'config.json').read_text()))
-  trainer = train.create_trainer(c, image_shape, num_train_examples,
-                                 mesh=train.create_mesh(jax.devices()[:1]))
-  manager = checkpoints.create_manager(str(workdir), 5, async_save=False)
-  try:
-    step, restored = checkpoints.restore_latest(manager, trainer.state)
-  finally:
-    manager.close()
-  for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng'):
-    ours, theirs = (jax.tree.leaves(t) for t in (
-        jax.device_get(getattr(restored, name)), saved[name]))
-    assert len(ours) == len(theirs) > 0, name
-    for x, y in zip(ours, theirs):
-      np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                    err_msg=name)
-  return step
+@pytest.fixture
+def offline(monkeypatch):
+  """Records and refuses what would make a missing dataset slow to report: a
+  TFDS download or preparation, and any network connection or name lookup
+  (TFDS retries those for minutes on an offline machine). Yields the list of
+  attempts; the test fails at teardown if it is not empty."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  attempts = []
+
+  def refuse(what):
+    def refused(*args, **kwargs):
+      del args, kwargs
+      attempts.append(what)
+      raise OSError(f'{what} refused: the test is offline')
+    return refused
+
+  monkeypatch.setattr(tfds.core.DatasetBuilder, 'download_and_prepare',
+                      refuse('DatasetBuilder.download_and_prepare'))
+  for name in ('connect', 'connect_ex'):
+    monkeypatch.setattr(socket.socket, name, refuse(f'socket.{name}'))
+  for name in ('create_connection', 'getaddrinfo'):
+    monkeypatch.setattr(socket, name, refuse(f'socket.{name}'))
+  yield attempts
+  assert attempts == [], attempts
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+  """Fails every import of torch as Python does where it is not installed."""
+
+  def find_spec(self, name, path=None, target=None):
+    del path, target
+    if name == 'torch' or name.startswith('torch.'):
+      raise ModuleNotFoundError(f'No module named {name!r}', name=name)
+    return None
+
+
+@pytest.fixture
+def without_torch(monkeypatch):
+  """This process as if PyTorch were not installed, whether or not it is:
+  torch and the experiments modules that import it are unloaded, and a new
+  import of torch fails."""
+  import experiments  # pylint: disable=g-import-not-at-top
+  for name in [n for n in sys.modules
+               if n == 'torch' or n.startswith('torch.')
+               or n in ('experiments.torch_train', 'experiments.torch_nin')]:
+    monkeypatch.delitem(sys.modules, name)
+  for name in ('torch_train', 'torch_nin'):
+    monkeypatch.delattr(experiments, name, raising=False)
+  monkeypatch.setattr(sys, 'meta_path', [_NoTorch(), *sys.meta_path])

@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from experiments import benchmark
+import nin_jax
 from nin_jax import runtime
 
 BENCHMARK_FIELDS = ('train_images_per_sec', 'eval_images_per_sec',
@@ -22,61 +24,73 @@ def _torch_installed() -> bool:
   return True
 
 
-def test_benchmark_quickstart_json(repo_root):
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env['JAX_PLATFORMS'] = 'cpu'
-  torch_variants = 'eager' if _torch_installed() else 'none'
+def _benchmark(repo_root, *args, env_updates=()):
+  """`python -m experiments.benchmark ARGS --json` in the repository root
+  (without PYTHONPATH: the processes it starts find `experiments` only if it
+  starts them as modules in the root too); its JSON object."""
+  env = {k: v for k, v in os.environ.items()
+         if k not in ('XLA_FLAGS', 'PYTHONPATH')}
+  env.update(JAX_PLATFORMS='cpu', **dict(env_updates))
   out = subprocess.run(
-      [sys.executable, str(repo_root / 'experiments' / 'benchmark.py'),
-       '--preset', 'quickstart', '--batch-size', '16', '--steps', '2',
-       '--rounds', '1', '--warmup', '1', '--torch', torch_variants,
-       '--processes', 'shared', '--json'],
-      capture_output=True, text=True, timeout=120, env=env, check=True)
-  result = json.loads(out.stdout.strip().splitlines()[-1])
+      [sys.executable, '-m', 'experiments.benchmark', *args, '--json'],
+      capture_output=True, text=True, timeout=300, env=env, cwd=repo_root,
+      check=False)
+  assert out.returncode == 0, out.stderr[-3000:]
+  return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_benchmark_quickstart_json_without_torch(repo_root, tmp_path):
+  """One launch in the default mode (each framework's rounds in processes of
+  their own, started by the benchmark) with the automatic CPU devices: the
+  JSON fields, and `--torch none` imports no torch (here any import of it
+  fails, in every process: PYTHONPATH reaches them all)."""
+  (tmp_path / 'torch').mkdir()
+  (tmp_path / 'torch' / '__init__.py').write_text(
+      "raise ImportError('torch imported although --torch none')\n")
+  result = _benchmark(
+      repo_root, '--preset', 'quickstart', '--batch-size', '16', '--steps',
+      '1', '--rounds', '2', '--warmup', '0', '--torch', 'none',
+      env_updates={'PYTHONPATH': str(tmp_path)})
   for field in BENCHMARK_FIELDS:
     assert field in result, field
   assert result['preset'] == 'quickstart' and result['batch_size'] == 16
-  assert result['processes'] == 'shared'
+  assert result['processes'] == 'own'
   assert result['dtype'] == 'float32'
   assert result['devices'] == result['auto_cpu_devices'] == 8
   assert result['train_images_per_sec'] > 0
   assert result['eval_images_per_sec'] > 0
   assert result['compile_seconds'] > 0
   assert result['train_mfu'] is None  # No peak FLOP/s for CPUs.
-  if torch_variants == 'eager':
-    assert result['torch']['eager']['train_images_per_sec'] > 0
-    assert result['ratios']['train_vs_best_torch_float32'] > 0
-  else:
-    assert result['torch_error']
-
-
-def test_benchmark_without_torch_needs_no_torch(repo_root, tmp_path):
-  """`--torch none` must not import torch: here any import of it fails. Runs
-  the default mode: each framework's rounds in processes of their own."""
-  (tmp_path / 'torch').mkdir()
-  (tmp_path / 'torch' / '__init__.py').write_text(
-      "raise ImportError('torch imported although --torch none')\n")
-  env = {k: v for k, v in os.environ.items() if k != 'XLA_FLAGS'}
-  env.update(JAX_PLATFORMS='cpu', PYTHONPATH=str(tmp_path))
-  out = subprocess.run(
-      [sys.executable, str(repo_root / 'experiments' / 'benchmark.py'),
-       '--preset', 'quickstart', '--batch-size', '8', '--steps', '1',
-       '--rounds', '2', '--warmup', '0', '--torch', 'none', '--devices', '1',
-       '--json'],
-      capture_output=True, text=True, timeout=120, env=env)
-  assert out.returncode == 0, out.stderr[-3000:]
-  result = json.loads(out.stdout.strip().splitlines()[-1])
-  assert result['torch'] == {} and 'disabled' in result['torch_error']
-  assert result['train_images_per_sec'] > 0
-  assert result['processes'] == 'own' and result['devices'] == 1
+  assert result['torch'] == {} and result['ratios'] == {}
+  assert result['torch_error'] == 'disabled (--torch none)'
   assert (result['steps'], result['rounds'], result['timed_steps']) == (1, 2, 2)
 
 
+def test_benchmark_says_torch_is_not_installed(without_torch):
+  """Where torch is missing, `--torch all` (the default) times nin-jax alone
+  and says why in the result and the table."""
+  del without_torch
+  variants, error = benchmark.torch_variants('all')
+  assert variants == []
+  assert error == "not installed (No module named 'torch')"
+  assert benchmark.torch_variants('none') == ([], 'disabled (--torch none)')
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not _torch_installed(),
+                    reason="PyTorch is not installed (pip install -e '.[bench]')")
+def test_benchmark_times_the_torch_peer_in_one_process(repo_root):
+  result = _benchmark(
+      repo_root, '--preset', 'quickstart', '--batch-size', '16', '--steps',
+      '2', '--rounds', '1', '--warmup', '1', '--torch', 'eager',
+      '--processes', 'shared')
+  assert result['processes'] == 'shared' and result['torch_error'] is None
+  assert result['torch']['eager']['train_images_per_sec'] > 0
+  assert result['ratios']['train_vs_best_torch_float32'] > 0
+
+
 def test_cifar10_forward_flops_are_the_papers_model():
-  sys.path.insert(0, os.path.join(os.path.dirname(__file__), '..',
-                                  'experiments'))
-  import benchmark  # pylint: disable=g-import-not-at-top
-  import nin_jax  # pylint: disable=g-import-not-at-top
   flops = benchmark.forward_flops_per_image(nin_jax.create_model('cifar10'),
                                             32, 3)
   assert flops == pytest.approx(0.445e9, rel=2e-3)

@@ -16,7 +16,6 @@ import json
 import os
 import signal
 import struct
-import sys
 import threading
 
 import numpy as np
@@ -36,15 +35,12 @@ from etils.epath import backend as epath_backend  # pylint: disable=g-import-not
 from PIL import Image  # pylint: disable=g-import-not-at-top,wrong-import-position
 from tensorboardX.proto import event_pb2  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-from conftest import REPO, restore_in_this_process  # pylint: disable=g-import-not-at-top,wrong-import-position
+from experiments import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from helpers import (ARGS, FAULT_RUNNER, STEPS, assert_identical,  # pylint: disable=g-import-not-at-top,wrong-import-position
+                     command, error_lines, finish, launch,
+                     restore_in_this_process, resumed_from)
 from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
 from nin_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_inference import command, error_lines  # pylint: disable=g-import-not-at-top,wrong-import-position
-from test_reliability import (ARGS, FAULT_RUNNER, STEPS, assert_identical,  # pylint: disable=g-import-not-at-top,wrong-import-position
-                              finish, launch, resumed_from)
-
-sys.path.insert(0, str(REPO / 'experiments'))
-import launch_local  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BUCKET = 'nin-test'
 # STORAGE_EMULATOR_HOST is set by the emulator wrapper; gcsfs's probe of the
@@ -139,18 +135,32 @@ def assert_logged_once(metrics, events, eval_steps):
   assert {s for t, s in events if t == 'test/accuracy'} == set(eval_steps)
 
 
-def test_killed_twice_on_a_bucket_ends_as_the_local_run(reference, emulator):
+@pytest.fixture(scope='module')
+def bucket_run(emulator):
+  """The quick start trained in gs://BUCKET/run: killed while the save of step
+  12 is being written into the bucket, then between steps 20 and 21, then run
+  to the end. Made once, for the test of the kills and the tests that read
+  the finished run back. Returns (workdir, [(fault, exit status, stderr, the
+  newest complete checkpoint in the bucket when the run started)]), one
+  entry per run."""
   workdir = f'gs://{BUCKET}/run'
-  # Killed while the save of step 12 is being written into the bucket, then
-  # between steps 20 and 21; then to the end. Each run resumes from the
-  # newest complete checkpoint in the bucket.
-  for fault, status in (('save:12', -signal.SIGKILL),
-                        ('step:20', -signal.SIGKILL), (None, 0)):
+  runs = []
+  for fault in ('save:12', 'step:20', None):
     expected = newest_checkpoint(workdir)
     code, err = finish(launch(workdir, fault))
+    runs.append((fault, code, err, expected))
+  return workdir, runs
+
+
+def test_killed_twice_on_a_bucket_ends_as_the_local_run(bucket_run, reference,
+                                                        emulator):
+  workdir, runs = bucket_run
+  # Each run resumes from the newest complete checkpoint in the bucket.
+  for (fault, code, err, expected), status in zip(
+      runs, (-signal.SIGKILL, -signal.SIGKILL, 0)):
     assert code == status, (fault, err[-3000:])
     assert resumed_from(err) == expected, (fault, expected, err[-3000:])
-  assert expected is not None
+  assert runs[-1][3] is not None  # The last run did resume.
 
   assert_identical(plain_orbax(workdir), reference)
   config, metrics, events = read_back(emulator, 'run')
@@ -160,10 +170,12 @@ def test_killed_twice_on_a_bucket_ends_as_the_local_run(reference, emulator):
               if '.nin_jax_write_check' in n]
 
 
-def test_evaluate_predict_and_export_read_the_bucket(emulator, tmp_path):
-  workdir = f'gs://{BUCKET}/run'
-  if not blob_names(emulator, f'run/checkpoints/{STEPS}/'):
-    pytest.skip('needs the bucket run of the test above')
+def test_evaluate_predict_and_export_read_the_bucket(bucket_run, emulator,
+                                                     tmp_path):
+  workdir, runs = bucket_run
+  _, code, err, _ = runs[-1]
+  assert code == 0 and blob_names(emulator, f'run/checkpoints/{STEPS}/'), (
+      'the bucket run did not finish: ' + err[-3000:])
   out = command('evaluate', f'--workdir={workdir}')
   assert out.returncode == 0, out.stderr[-3000:]
   _, metrics, _ = read_back(emulator, 'run')
@@ -194,6 +206,7 @@ def launch_two(workdir, logs, fault=None):
     os.environ.pop('NIN_JAX_TEST_FAULT', None)
 
 
+@pytest.mark.slow
 def test_two_processes_write_one_checkpoint_and_resume_from_it(emulator,
                                                                tmp_path):
   """Two processes write one checkpoint into the bucket (each its own shard),
@@ -274,6 +287,7 @@ def test_missing_bucket_is_one_line_before_training(emulator):
   assert [b.name for b in emulator.list_buckets()] == buckets
 
 
+@pytest.mark.slow
 def test_refused_credentials_are_one_line_before_training(emulator,
                                                           refusing_server,
                                                           monkeypatch):

@@ -1,12 +1,17 @@
-"""Tests of the oneDNN CPU convolution plugin (Linux x86-64 CPUs only).
+"""Tests of the oneDNN CPU convolution plugin and of XLA's convolutions where
+it cannot run.
 
-Everything that every platform runs (config validation, BatchNorm, the
-`conv` field) is tested in the other modules, never behind this module's
-platform skip.
+The kernels are installed on Linux x86-64 CPUs only: the tests that run them
+carry `needs_plugin`. The fallbacks to XLA (shapes oneDNN does not take,
+meshes with Explicit axes, kernels that do not load, no plugin at all) run on
+every platform; they make any attempt to load the kernels fail the test, so
+they pass here only because they never need them. Config validation,
+BatchNorm and the `conv` field are tested in the other modules.
 """
 
 import ctypes
 import os
+import pathlib
 import platform
 import subprocess
 import sys
@@ -17,20 +22,37 @@ import numpy as np
 import pytest
 
 import nin_jax
+from nin_jax import config_lib
 from nin_jax import conv_select
 from nin_jax import models
 from nin_jax.plugins import onednn
 
-from conftest import REPO
-
+REPO = pathlib.Path(__file__).resolve().parents[1]
 DN = ('NHWC', 'HWIO', 'NHWC')
 
 # The test extra installs the cpu extra on Linux x86-64, so there the kernels
-# must load.
-pytestmark = pytest.mark.skipif(
+# must load: the skip is by platform, never by whether they load.
+needs_plugin = pytest.mark.skipif(
     jax.default_backend() != 'cpu' or not sys.platform.startswith('linux')
     or platform.machine() != 'x86_64',
     reason='the oneDNN plugin is installed on Linux x86-64 CPUs')
+
+
+@pytest.fixture
+def no_kernels(monkeypatch):
+  """The plugin as on a platform where its kernels were not built: looking
+  for them fails with the plugin's own error (kept, as any load error), and
+  each look is recorded in the list returned."""
+  attempts = []
+
+  def find_extension():
+    attempts.append(1)
+    raise onednn.OneDnnUnavailable(
+        'the oneDNN kernels (_onednn_conv*.so) were not built (simulated)')
+
+  monkeypatch.setattr(onednn, '_state', {})
+  monkeypatch.setattr(onednn, '_find_extension', find_extension)
+  return attempts
 
 
 def xla_conv(x, w, pad):
@@ -43,6 +65,7 @@ def value_and_grads(conv, x, w, g):
   return (y, *vjp(g))
 
 
+@needs_plugin
 @pytest.mark.parametrize('shape', [
     # batch, height, width, in, out, kernel, pad
     (4, 9, 9, 5, 7, 5, 2),
@@ -66,6 +89,7 @@ def test_onednn_conv_matches_xla_forward_and_gradients(shape):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
 
 
+@needs_plugin
 def test_the_plugin_loads_and_runs_float32():
   assert onednn.unavailable_reason() is None
   assert onednn.supports(jnp.float32)
@@ -86,6 +110,7 @@ def test_bfloat16_convolutions_run_on_every_cpu():
                              atol=1e-2 * float(np.abs(ref).max()))
 
 
+@needs_plugin
 def test_onednn_conv_in_bfloat16_matches_xla():
   if not onednn.supports(jnp.bfloat16):
     pytest.skip('oneDNN has no bfloat16 convolution on this CPU (it needs '
@@ -104,6 +129,7 @@ def test_onednn_conv_in_bfloat16_matches_xla():
                                atol=1e-2 * scale)
 
 
+@needs_plugin
 def test_onednn_conv_under_vmap_per_example_gradients():
   x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
   w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
@@ -114,6 +140,7 @@ def test_onednn_conv_under_vmap_per_example_gradients():
       per_example(lambda x, w: xla_conv(x, w, 1)), rtol=1e-4, atol=1e-4)
 
 
+@needs_plugin
 def test_conv_general_dilated_uses_onednn_only_where_it_can():
   x = jnp.ones((2, 8, 8, 4))
   w = jnp.ones((3, 3, 4, 5))
@@ -133,19 +160,99 @@ def test_conv_general_dilated_uses_onednn_only_where_it_can():
                                      w.astype(jnp.float16))
 
 
-def test_fallback_runs_what_onednn_cannot():
-  calls = []
+def _recording_fallback(calls):
+  """XLA's convolution, recording the strides and padding of each call."""
 
   def fallback(*args, **kwargs):
-    calls.append(args[2])
+    calls.append((tuple(args[2]), args[3]))
     return jax.lax.conv_general_dilated(*args, **kwargs)
 
+  return fallback
+
+
+def test_fallback_runs_what_onednn_cannot_without_loading_it(no_kernels):
+  """Strided, asymmetrically or 'SAME'-padded, dilated and float16
+  convolutions go to the fallback before the kernels are looked for."""
+  calls = []
+  fallback = _recording_fallback(calls)
   x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
-  onednn.conv_general_dilated(x, w, (2, 2), [(1, 1)] * 2,
-                              dimension_numbers=DN, fallback=fallback)
-  onednn.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
-                              dimension_numbers=DN, fallback=fallback)
-  assert calls == [(2, 2)]
+  for strides, padding, dilation, dtype in (
+      ((2, 2), [(1, 1)] * 2, None, jnp.float32),
+      ((1, 1), [(0, 1)] * 2, None, jnp.float32),
+      ((1, 1), 'SAME', None, jnp.float32),
+      ((1, 1), [(1, 1)] * 2, (2, 2), jnp.float32),
+      ((1, 1), [(1, 1)] * 2, None, jnp.float16)):
+    out = onednn.conv_general_dilated(
+        x.astype(dtype), w.astype(dtype), strides, padding,
+        rhs_dilation=dilation, dimension_numbers=DN, fallback=fallback)
+    np.testing.assert_array_equal(out, jax.lax.conv_general_dilated(
+        x.astype(dtype), w.astype(dtype), strides, padding,
+        rhs_dilation=dilation, dimension_numbers=DN))
+  assert len(calls) == 5
+  assert not no_kernels  # Never looked for the kernels.
+
+
+def test_eligible_convolutions_fall_back_where_the_kernels_do_not_load(
+    no_kernels, caplog):
+  calls = []
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
+  for _ in range(2):
+    out = onednn.conv_general_dilated(x, w, (1, 1), [(1, 1)] * 2,
+                                      dimension_numbers=DN,
+                                      fallback=_recording_fallback(calls))
+    np.testing.assert_array_equal(out, xla_conv(x, w, 1))
+  assert calls == [((1, 1), [(1, 1)] * 2)] * 2
+  assert no_kernels  # It tried, and fell back.
+  warnings = [r.getMessage() for r in caplog.records
+              if 'oneDNN convolutions unavailable' in r.getMessage()]
+  assert warnings == ["oneDNN convolutions unavailable, using XLA's: the "
+                      'oneDNN kernels (_onednn_conv*.so) were not built '
+                      '(simulated)']  # Once, not at every convolution.
+
+
+@needs_plugin
+def test_the_kernels_run_what_they_can():
+  calls = []
+  x, w = jnp.ones((1, 6, 6, 2)), jnp.ones((3, 3, 2, 3))
+  for strides in ((2, 2), (1, 1)):
+    onednn.conv_general_dilated(x, w, strides, [(1, 1)] * 2,
+                                dimension_numbers=DN,
+                                fallback=_recording_fallback(calls))
+  assert calls == [((2, 2), [(1, 1)] * 2)]
+
+
+def test_conv_select_without_the_kernels_picks_xla(no_kernels):
+  """'xla' never looks for the plugin; 'auto' falls back to XLA; 'onednn'
+  refuses, before a run (check_config) and when building the model, with
+  the plugin's reason."""
+  assert conv_select.conv_module('xla') is models.Conv
+  conv_select.check_config('xla', 'cpu')
+  assert not no_kernels
+  assert conv_select.conv_module('auto') is models.Conv
+  conv_select.check_config('auto', 'cpu')
+  with pytest.raises(onednn.OneDnnUnavailable,
+                     match=r'^the oneDNN kernels \(_onednn_conv\*\.so\) were '
+                     r'not built \(simulated\)$'):
+    conv_select.conv_module('onednn')
+  with pytest.raises(config_lib.ConfigError,
+                     match=r"config\.model\.conv_impl='onednn': the oneDNN "
+                     r'kernels are unavailable: the oneDNN kernels '
+                     r"\(_onednn_conv\*\.so\) were not built \(simulated\); "
+                     r"use config\.model\.conv_impl='auto'"):
+    conv_select.check_config('onednn', 'cpu')
+
+
+def test_conv_select_without_the_plugin_package_picks_xla(monkeypatch):
+  """An install without nin_jax.plugins.onednn (any import of it fails)."""
+  import nin_jax.plugins  # pylint: disable=g-import-not-at-top
+  monkeypatch.delattr(nin_jax.plugins, 'onednn')
+  monkeypatch.setitem(sys.modules, 'nin_jax.plugins.onednn', None)
+  reason = 'the nin_jax.plugins.onednn package is not installed'
+  assert conv_select.onednn_unavailable_reason() == reason
+  assert conv_select.conv_module('xla') is models.Conv
+  assert conv_select.conv_module('auto') is models.Conv
+  with pytest.raises(RuntimeError, match=f'^{reason}$'):
+    conv_select.conv_module('onednn')
 
 
 def test_unloadable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
@@ -161,6 +268,7 @@ def test_unloadable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
     conv_select.conv_module('onednn')
 
 
+@needs_plugin
 def test_a_library_of_another_onednn_version_is_refused(monkeypatch):
   monkeypatch.setattr(onednn, '_state', {})
   real_cdll = ctypes.CDLL
@@ -183,6 +291,8 @@ def test_a_library_of_another_onednn_version_is_refused(monkeypatch):
   assert '3.4.0 is installed' in onednn.unavailable_reason()
 
 
+@pytest.mark.slow
+@needs_plugin
 def test_cifar10_model_with_onednn_matches_xla_and_plain_reference():
   x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
   xla = nin_jax.create_model('cifar10', conv=conv_select.conv_module('xla'))
@@ -238,6 +348,8 @@ print('OK')
 """
 
 
+@pytest.mark.slow
+@needs_plugin
 def test_onednn_conv_per_device_under_a_mesh_sums_weight_gradients():
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=4')
@@ -251,14 +363,17 @@ def test_onednn_conv_per_device_under_a_mesh_sums_weight_gradients():
 # the handlers; what the plugin cannot do (see its docstring) falls back to
 # XLA's convolution or raises an error that says what to do.
 
-def _model_and_batch():
-  model = nin_jax.create_model('quickstart',
-                               conv=conv_select.conv_module('onednn'))
+def _model_and_batch(conv=None):
+  """The quick-start model with the plugin's convolutions (`conv`: that
+  module instead of conv_select's), its params and a batch."""
+  model = nin_jax.create_model(
+      'quickstart', conv=conv or conv_select.conv_module('onednn'))
   x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
-  params = model.init(jax.random.key(1), x)['params']
+  params = model.clone(conv=models.Conv).init(jax.random.key(1), x)['params']
   return model, params, x
 
 
+@needs_plugin
 def test_forward_mode_and_second_derivatives_match_xla():
   shape = (2, 7, 6, 3, 5, 3, 1)  # batch, height, width, in, out, kernel, pad
   n, h, w_, ci, co, k, pad = shape
@@ -281,6 +396,8 @@ def test_forward_mode_and_second_derivatives_match_xla():
   assert 'NinConvBackwardData' in text and 'convolution' not in text
 
 
+@pytest.mark.slow
+@needs_plugin
 def test_jax_export_refuses_the_custom_calls():
   model, params, x = _model_and_batch()
   f = jax.jit(lambda x: model.apply({'params': params}, x))
@@ -290,8 +407,11 @@ def test_jax_export_refuses_the_custom_calls():
   jax.export.export(jax.jit(lambda x: xla.apply({'params': params}, x)))(x)
 
 
-def test_meshes_with_explicit_axes_fall_back_to_xla():
-  model, params, x = _model_and_batch()
+def test_meshes_with_explicit_axes_fall_back_to_xla(no_kernels):
+  """The plugin's module, as conv_select gives it where the kernels load:
+  under Explicit axes it convolves with XLA without looking for them."""
+  model, params, x = _model_and_batch(
+      onednn.conv_module(fallback=models.conv_general_dilated))
   mesh = jax.make_mesh((1,), ('data',),
                        axis_types=(jax.sharding.AxisType.Explicit,))
 
@@ -303,11 +423,14 @@ def test_meshes_with_explicit_axes_fall_back_to_xla():
   assert 'NinConvForward' not in text and 'convolution' in text
   with jax.set_mesh(mesh):
     out = jax.jit(apply)(params, x)
+  # XLA's convolutions both: 1e-5 allows for another fusion under the mesh.
   np.testing.assert_allclose(
       out, model.clone(conv=models.Conv).apply({'params': params}, x),
       rtol=1e-5, atol=1e-5)
+  assert not no_kernels
 
 
+@needs_plugin
 def test_auto_picks_the_plugin_here():
   auto = conv_select.conv_module('auto')
   assert auto is conv_select.conv_module('onednn')  # Cached: models compare.

@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from experiments import confidence_maps
+from experiments import plot_curves
 from nin_jax import config_lib
 from nin_jax import inference
 from nin_jax import input_pipeline
@@ -21,21 +23,17 @@ from nin_jax import models
 from nin_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'experiments'))
-
-# pylint: disable=g-import-not-at-top,wrong-import-position
-import confidence_maps
-import plot_curves
 
 STEPS = 44  # Two epochs of the digits (22 steps each): 2 evaluations.
 
 
 def script(name, *args):
-  """Runs `python experiments/NAME.py ARGS` on one CPU device."""
+  """Runs `python -m experiments.NAME ARGS` in the repository root on one
+  CPU device."""
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
   return subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / f'{name}.py'), *args],
+      [sys.executable, '-m', f'experiments.{name}', *args],
       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
 
 
@@ -123,6 +121,7 @@ def test_class_maps_of_paper_presets(preset, size):
   assert logits.shape == (2, 10) and maps.shape == (2, size, size, 10)
 
 
+@pytest.mark.slow
 def test_confidence_maps_script_writes_png(workdir, tmp_path):
   out = tmp_path / 'maps.png'
   result = script('confidence_maps', f'--workdir={workdir}', f'--out={out}',
@@ -265,6 +264,7 @@ def test_plot_curves_falls_back_to_wall_time_without_train_seconds(
   assert axes[0, 1].get_ylabel() == 'test error (%)'
 
 
+@pytest.mark.slow
 def test_plot_curves_script_writes_png(workdir, second_workdir, tmp_path):
   out = tmp_path / 'curves.png'
   result = script('plot_curves', workdir, second_workdir, f'--out={out}')

@@ -181,6 +181,7 @@ def test_cifar10_matches_plain_reference():
   np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_train_mode():
   model = nin_jax.create_model('quickstart')
   x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
@@ -196,6 +197,7 @@ def test_dropout_only_in_train_mode():
     model.apply(variables, x, train=True)
 
 
+@pytest.mark.slow
 def test_any_input_size():
   model = nin_jax.create_model('cifar10')
   x = jnp.zeros((1, 48, 40, 3))
@@ -203,6 +205,7 @@ def test_any_input_size():
   assert model.apply(variables, x).shape == (1, 10)
 
 
+@pytest.mark.slow
 def test_faithful_and_modern_init():
   x = jnp.zeros((1, 32, 32, 3))
   faithful = nin_jax.create_model('cifar10').init(jax.random.key(0), x)
@@ -253,6 +256,7 @@ def readme_block(marker: str) -> str:
   return next(b for b in blocks if marker in b)
 
 
+@pytest.mark.slow
 def test_readme_nnx_code_trains_with_batchnorm():
   from flax import nnx
   images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
@@ -326,6 +330,7 @@ def test_batch_norm_matches_flax(dtype):
                              evaluated[1].astype(float), atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cifar100_faithful_init_is_the_authors_per_layer_std():
   """cuda-convnet NIN/cifar-100_def: conv1 0.001, cccp1-2 0.01, the rest
   0.05 (CIFAR-10 keeps 0.05 everywhere)."""
@@ -344,6 +349,7 @@ def test_cifar100_faithful_init_is_the_authors_per_layer_std():
   assert abs(std(cifar10, 'mlpconv1', 'conv') - 0.05) < 0.0025
 
 
+@pytest.mark.slow
 def test_imagenet_faithful_init_is_the_zoo_prototxts_per_layer_std():
   params = nin_jax.create_model('imagenet').init(
       jax.random.key(0), jnp.zeros((1, 224, 224, 3)))['params']

@@ -1,6 +1,11 @@
-"""The fast recipe's training choices, the PyTorch peer and experiments/race.py."""
+"""The fast recipe's training choices, the PyTorch peer and experiments/race.py.
+
+The race's PyTorch-free parts (its plan, experiments/race_plan.py's checks and
+augmentation) run everywhere; only the peer's own steps need PyTorch.
+"""
 
 import json
+import os
 import pathlib
 import subprocess
 import sys
@@ -9,17 +14,16 @@ import jax
 import numpy as np
 import pytest
 
+from experiments import race
+from experiments import race_plan
 from nin_jax import config_lib
 from nin_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'experiments'))
-
-import race  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 try:
   import torch  # pylint: disable=g-import-not-at-top
-  import torch_train  # pylint: disable=g-import-not-at-top
+  from experiments import torch_train  # pylint: disable=g-import-not-at-top
 except ImportError:
   torch = None
 
@@ -143,13 +147,18 @@ def test_jax_curve_joins_each_evaluation_with_its_training_time(tmp_path):
 
 
 def _race(tmp_path, *args):
+  """`python -m experiments.race` in the repository root. Without PYTHONPATH:
+  the workers it starts find `experiments` only if it starts them as modules
+  in the root too."""
+  env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
   return subprocess.run(
-      [sys.executable, str(REPO / 'experiments' / 'race.py'),
+      [sys.executable, '-m', 'experiments.race',
        f'--out={tmp_path}', '--config=configs/quickstart.py', '--data=',
-       *args], cwd=REPO, capture_output=True, text=True, timeout=600,
-      check=False)
+       *args], cwd=REPO, env=env, capture_output=True, text=True,
+      timeout=600, check=False)
 
 
+@pytest.mark.slow
 def test_race_jax_end_to_end_on_the_quickstart(tmp_path):
   proc = _race(tmp_path, '--framework=jax', '--minutes=0.05', '--target=0.3',
                '--set', 'train.eval_every_steps=20')
@@ -173,18 +182,46 @@ def test_race_jax_end_to_end_on_the_quickstart(tmp_path):
   assert json.loads((tmp_path / 'race_jax.json').read_text()) == result
 
 
+def _refusal(capsys, out, *args):
+  """race.main's one error line (asserted to be one, with status 2)."""
+  with pytest.raises(SystemExit) as exit_info:
+    race.main([f'--out={out}', '--config=configs/quickstart.py', '--data=',
+               *args])
+  assert exit_info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.count('\n') == 1 and err.startswith('race: error: '), err
+  assert not out.exists()  # Nothing written.
+  return err
+
+
 @pytest.mark.parametrize('args, message', [
-    (['--minutes=0'], '--minutes must be positive'),
+    (['--minutes=0'], '--minutes must be positive, got 0.0'),
     (['--set', 'model.presett=cifar10'], "did you mean --config.model.preset"),
-    (['--set', 'train.label_smoothing=2.0'], 'train.label_smoothing=2.0'),
-    (['--set', 'nothing'], 'write --set GROUP.FIELD=VALUE'),
+    (['--set', 'train.label_smoothing=2.0'],
+     r'config.train.label_smoothing=2.0'),
+    (['--set', 'nothing'], '--set nothing: write --set GROUP.FIELD=VALUE'),
 ])
-def test_race_refuses_bad_input_in_one_line(tmp_path, args, message):
-  proc = _race(tmp_path / 'out', '--framework=jax', *args)
-  assert proc.returncode == 2
-  assert message in proc.stderr
-  assert len(proc.stderr.strip().splitlines()) == 1
-  assert not (tmp_path / 'out').exists()
+def test_race_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
+  err = _refusal(capsys, tmp_path / 'out', '--framework=jax', *args)
+  assert message in err
+
+
+def test_race_refuses_a_config_the_peer_cannot_mirror_without_torch(
+    tmp_path, capsys, without_torch):
+  """The check needs no PyTorch: it runs before the peer is imported."""
+  del without_torch
+  err = _refusal(capsys, tmp_path / 'out', '--framework=both', '--set',
+                 'model.head=fc')
+  assert ("config.model.head='fc': the PyTorch peer does not mirror it; "
+          "use 'gap'.") in err
+
+
+def test_race_with_torch_says_how_to_install_it(tmp_path, capsys,
+                                                without_torch):
+  del without_torch
+  err = _refusal(capsys, tmp_path / 'out', '--framework=torch')
+  assert err == ("race: error: --framework=torch needs PyTorch (pip install "
+                 "-e '.[bench]'): No module named 'torch'\n")
 
 
 # -------------------------------------------------------- the PyTorch peer --
@@ -264,18 +301,17 @@ def test_the_torch_peer_takes_the_same_steps_as_nin_jax(quickstart_config,
       peer.lrs, [float(trainer.schedule(i)) for i in range(4)], rtol=1e-6)
 
 
-@needs_torch
 def test_the_torch_augmentation_translates_and_mirrors():
   rng = np.random.default_rng(0)
   images = rng.normal(size=(64, 6, 6, 2)).astype(np.float32)
-  same = torch_train.augment(images, rng, 0, False)
+  same = race_plan.augment(images, rng, 0, False)
   np.testing.assert_array_equal(same, images)
-  flipped = torch_train.augment(images, rng, 0, True)
+  flipped = race_plan.augment(images, rng, 0, True)
   mirrored = [np.array_equal(f, x[:, ::-1]) for f, x in zip(flipped, images)]
   kept = [np.array_equal(f, x) for f, x in zip(flipped, images)]
   assert all(m or k for m, k in zip(mirrored, kept))
   assert 10 < sum(mirrored) < 54
-  shifted = torch_train.augment(images, rng, 2, False)
+  shifted = race_plan.augment(images, rng, 2, False)
   padded = np.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
   offsets = set()
   for s, p in zip(shifted, padded):
@@ -286,10 +322,12 @@ def test_the_torch_augmentation_translates_and_mirrors():
   assert len(offsets) > 10
 
 
-@needs_torch
 def test_the_torch_peer_refuses_what_it_cannot_mirror(quickstart_config):
   c = quickstart_config
+  race_plan.check_supported(c)  # The quick start it mirrors.
   c.optim.schedule = 'plateau'
-  with pytest.raises(torch_train.UnsupportedConfig,
-                     match=r'config\.optim\.schedule=.plateau.*one_cycle'):
-    torch_train.check_supported(c)
+  with pytest.raises(race_plan.UnsupportedConfig,
+                     match=r"config\.optim\.schedule='plateau': the PyTorch "
+                     r'peer does not mirror it; pick constant, step, cosine '
+                     r'or one_cycle\.'):
+    race_plan.check_supported(c)

@@ -4,7 +4,7 @@
 import numpy as np
 import pytest
 
-from conftest import shared_data_dir
+from helpers import shared_data_dir
 from nin_jax import config_lib
 from nin_jax import readers
 from nin_jax import train
@@ -18,7 +18,10 @@ def mnist_path():
   return path
 
 
+@pytest.mark.slow
 def test_mnist_preset_learns_real_mnist(tmp_path):
+  """configs/mnist.py, 150 steps on 20,000 images, scored on the whole test
+  set (the default tier's real-data check is test_inference.py's run)."""
   c = config_lib.sibling_config(__file__, '../configs/mnist.py')
   c.data.dataset = f'npz:{mnist_path()}'
   c.data.max_train_examples = 20_000

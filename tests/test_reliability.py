@@ -5,116 +5,19 @@ bit-identical parameters and optimizer state.
 """
 
 import json
-import os
 import pathlib
 import random
-import re
 import shutil
 import signal
-import subprocess
-import sys
 import time
 from typing import Optional
 
-import jax
-import numpy as np
 import pytest
 
+from helpers import (STEPS, assert_identical, final_state, finish, launch,
+                     resumed_from)
 from nin_jax import checkpoints
 from nin_jax import train
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
-STEPS = 24
-ARGS = ['--config=configs/quickstart.py', f'--config.train.num_train_steps={STEPS}',
-        '--config.train.checkpoint_every_steps=6', '--config.train.eval_every_steps=8',
-        '--config.train.log_every_steps=1', '--config.train.keep_checkpoints=10']
-
-# Runs nin_jax.main with a fault injected at a chosen point, in-process:
-#   step:N   SIGKILL while logging train step N (between steps)
-#   save:N   SIGKILL right after the save of step N started (write in flight)
-#   save:N:S SIGKILL S seconds after the save of step N started (training and
-#            the asynchronous write go on meanwhile)
-#   eval:K   SIGKILL inside the K-th evaluation, after its first batch ran
-FAULT_RUNNER = r'''
-import os, signal, sys, threading
-kind, _, when = os.environ.get('NIN_JAX_TEST_FAULT', ':').partition(':')
-when, _, delay = when.partition(':')
-when = int(when or 0)
-die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-from nin_jax import checkpoints, input_pipeline, metric_writers
-if kind == 'step':
-  write = metric_writers.MetricWriter.write
-  def write_then_die(self, step, split, metrics):
-    write(self, step, split, metrics)
-    if split == 'train' and step == when:
-      die()
-  metric_writers.MetricWriter.write = write_then_die
-if kind == 'save':
-  save = checkpoints.save
-  def save_then_die(manager, step, state, force=False):
-    result = save(manager, step, state, force)
-    if step == when and delay:
-      threading.Timer(float(delay), die).start()
-    elif step == when:
-      die()
-    return result
-  checkpoints.save = save_then_die
-if kind == 'eval':
-  batches, calls = input_pipeline.eval_batches, []
-  def batches_then_die(*args):
-    calls.append(1)
-    for batch in batches(*args):
-      yield batch
-      if len(calls) == when:
-        die()
-  input_pipeline.eval_batches = batches_then_die
-from absl import app
-from nin_jax import main
-app.run(main.main)
-'''
-
-
-def launch(workdir, fault=None, extra=()):
-  env = dict(os.environ, JAX_PLATFORMS='cpu')
-  env.pop('XLA_FLAGS', None)
-  if fault:
-    env['NIN_JAX_TEST_FAULT'] = fault
-  return subprocess.Popen(
-      [sys.executable, '-c', FAULT_RUNNER, *ARGS, f'--workdir={workdir}',
-       *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
-      stderr=subprocess.PIPE, text=True)
-
-
-def finish(proc, timeout=240):
-  try:
-    out, err = proc.communicate(timeout=timeout)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    raise
-  return proc.returncode, err
-
-
-def final_state(workdir, step=STEPS):
-  return checkpoints.read_numpy(
-      str(pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'))
-
-
-def assert_identical(a, b):
-  la, lb = jax.tree_util.tree_leaves_with_path(a), \
-      jax.tree_util.tree_leaves_with_path(b)
-  assert [p for p, _ in la] == [p for p, _ in lb]
-  for (path, x), (_, y) in zip(la, lb):
-    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
-                                  err_msg=jax.tree_util.keystr(path))
-
-
-def reference_run(tmp_path_factory):
-  """The final state of an uninterrupted run (conftest's session fixture
-  `reference`, shared with test_cloud_storage.py)."""
-  workdir = tmp_path_factory.mktemp('reference')
-  code, err = finish(launch(workdir))
-  assert code == 0, err[-3000:]
-  return final_state(workdir)
 
 
 def launch_until(workdir, ready):
@@ -146,13 +49,6 @@ def newest_complete_checkpoint(workdir) -> Optional[int]:
   return None
 
 
-def resumed_from(err) -> Optional[int]:
-  """The step a run's log says it resumed from; None for a fresh start."""
-  found = re.findall(r'Resumed from the checkpoint at step (\d+)', err)
-  assert len(found) <= 1, found
-  return int(found[0]) if found else None
-
-
 def launch_and_check_resume(workdir, fault=None):
   """Runs to the end or the fault; asserts that it resumed from the newest
   complete checkpoint on disk when it started. Returns (code, err)."""
@@ -173,6 +69,7 @@ def test_sigkill_at_three_points_resumes_each_time_then_bit_identical(
   assert_identical(final_state(workdir), reference)
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_during_and_between_saves(reference,
                                                             tmp_path):
   """Kills at seeded random moments: inside the asynchronous writes of the
@@ -233,6 +130,7 @@ def run_to_18(tmp_path_factory):
   return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('damage', [corrupt_truncate, corrupt_remove_metadata])
 def test_damaged_newest_checkpoint_falls_back(reference, run_to_18, tmp_path,
                                               damage):
@@ -247,6 +145,7 @@ def test_damaged_newest_checkpoint_falls_back(reference, run_to_18, tmp_path,
   assert_identical(final_state(workdir), reference)
 
 
+@pytest.mark.slow
 def test_checkpoint_of_another_model_is_refused(tmp_path, quickstart_config):
   c = quickstart_config
   c.train.num_train_steps = 2

@@ -1,0 +1,173 @@
+"""Helpers shared by the test files (fixtures live in conftest.py)."""
+
+import json
+import os
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+from typing import Optional
+
+import jax
+import ml_collections
+import numpy as np
+from etils import epath
+
+from nin_jax import checkpoints
+from nin_jax import train
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> pathlib.Path:
+  """Real datasets (MNIST, CIFAR-10 .npz); override with NIN_JAX_DATA_DIR."""
+  return pathlib.Path(os.environ.get('NIN_JAX_DATA_DIR',
+                                     REPO.parent / 'shared' / 'data'))
+
+
+def error_lines(stderr: str) -> list[str]:
+  """The `nin_jax: error: ...` lines of a command's stderr."""
+  return [l for l in stderr.splitlines() if l.startswith('nin_jax: error:')]
+
+
+def command(module: str, *args: str) -> subprocess.CompletedProcess:
+  """Runs `python -m nin_jax.MODULE ARGS` on one CPU device."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  return subprocess.run([sys.executable, '-m', f'nin_jax.{module}', *args],
+                        capture_output=True, text=True, timeout=300,
+                        cwd=REPO, env=env)
+
+
+# ------------------------------- quick-start runs with faults injected --
+# The uninterrupted run is the reference: every interrupted run must end
+# with bit-identical parameters and optimizer state (test_reliability.py,
+# test_cloud_storage.py).
+
+STEPS = 24
+ARGS = ['--config=configs/quickstart.py', f'--config.train.num_train_steps={STEPS}',
+        '--config.train.checkpoint_every_steps=6', '--config.train.eval_every_steps=8',
+        '--config.train.log_every_steps=1', '--config.train.keep_checkpoints=10']
+
+# Runs nin_jax.main with a fault injected at a chosen point, in-process:
+#   step:N   SIGKILL while logging train step N (between steps)
+#   save:N   SIGKILL right after the save of step N started (write in flight)
+#   save:N:S SIGKILL S seconds after the save of step N started (training and
+#            the asynchronous write go on meanwhile)
+#   eval:K   SIGKILL inside the K-th evaluation, after its first batch ran
+FAULT_RUNNER = r'''
+import os, signal, sys, threading
+kind, _, when = os.environ.get('NIN_JAX_TEST_FAULT', ':').partition(':')
+when, _, delay = when.partition(':')
+when = int(when or 0)
+die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+from nin_jax import checkpoints, input_pipeline, metric_writers
+if kind == 'step':
+  write = metric_writers.MetricWriter.write
+  def write_then_die(self, step, split, metrics):
+    write(self, step, split, metrics)
+    if split == 'train' and step == when:
+      die()
+  metric_writers.MetricWriter.write = write_then_die
+if kind == 'save':
+  save = checkpoints.save
+  def save_then_die(manager, step, state, force=False):
+    result = save(manager, step, state, force)
+    if step == when and delay:
+      threading.Timer(float(delay), die).start()
+    elif step == when:
+      die()
+    return result
+  checkpoints.save = save_then_die
+if kind == 'eval':
+  batches, calls = input_pipeline.eval_batches, []
+  def batches_then_die(*args):
+    calls.append(1)
+    for batch in batches(*args):
+      yield batch
+      if len(calls) == when:
+        die()
+  input_pipeline.eval_batches = batches_then_die
+from absl import app
+from nin_jax import main
+app.run(main.main)
+'''
+
+
+def launch(workdir, fault=None, extra=()):
+  env = dict(os.environ, JAX_PLATFORMS='cpu')
+  env.pop('XLA_FLAGS', None)
+  if fault:
+    env['NIN_JAX_TEST_FAULT'] = fault
+  return subprocess.Popen(
+      [sys.executable, '-c', FAULT_RUNNER, *ARGS, f'--workdir={workdir}',
+       *extra], cwd=REPO, env=env, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True)
+
+
+def finish(proc, timeout=240):
+  try:
+    out, err = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    proc.kill()
+    raise
+  return proc.returncode, err
+
+
+def final_state(workdir, step=STEPS):
+  return checkpoints.read_numpy(
+      str(pathlib.Path(workdir) / 'checkpoints' / str(step) / 'default'))
+
+
+def assert_identical(a, b):
+  la, lb = jax.tree_util.tree_leaves_with_path(a), \
+      jax.tree_util.tree_leaves_with_path(b)
+  assert [p for p, _ in la] == [p for p, _ in lb]
+  for (path, x), (_, y) in zip(la, lb):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                  err_msg=jax.tree_util.keystr(path))
+
+
+def reference_run(workdir: pathlib.Path) -> dict:
+  """Trains the uninterrupted run into `workdir` (unless a finished one is
+  there) and returns its final state."""
+  done = workdir / 'finished'
+  if not done.exists():
+    shutil.rmtree(workdir, ignore_errors=True)
+    code, err = finish(launch(workdir))
+    assert code == 0, err[-3000:]
+    done.touch()
+  return final_state(workdir)
+
+
+def resumed_from(err) -> Optional[int]:
+  """The step a run's log says it resumed from; None for a fresh start."""
+  found = re.findall(r'Resumed from the checkpoint at step (\d+)', err)
+  assert len(found) <= 1, found
+  return int(found[0]) if found else None
+
+
+def restore_in_this_process(workdir: str, saved: dict, num_train_examples: int,
+                            image_shape=(8, 8, 1)) -> int:
+  """Restores WORKDIR's newest checkpoint through nin_jax (one device, its
+  config.json's model) and asserts every array of the state equals `saved`
+  (the checkpoint as plain orbax reads it), element by element; returns the
+  restored step."""
+  c = ml_collections.ConfigDict(json.loads(
+      (epath.Path(workdir) / 'config.json').read_text()))
+  trainer = train.create_trainer(c, image_shape, num_train_examples,
+                                 mesh=train.create_mesh(jax.devices()[:1]))
+  manager = checkpoints.create_manager(str(workdir), 5, async_save=False)
+  try:
+    step, restored = checkpoints.restore_latest(manager, trainer.state)
+  finally:
+    manager.close()
+  for name in ('step', 'params', 'batch_stats', 'opt_state', 'rng'):
+    ours, theirs = (jax.tree.leaves(t) for t in (
+        jax.device_get(getattr(restored, name)), saved[name]))
+    assert len(ours) == len(theirs) > 0, name
+    for x, y in zip(ours, theirs):
+      np.testing.assert_array_equal(np.asarray(x), np.asarray(y),
+                                    err_msg=name)
+  return step
