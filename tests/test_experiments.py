@@ -63,28 +63,24 @@ def check_training(proc, name, workdir, npz, steps, preprocessing):
 
 
 @pytest.mark.slow
-def test_train_mnist_trains_the_config_on_an_npz(tmp_path):
-  npz = write_npz(tmp_path / 'mnist.npz', (28, 28))
-  workdir = tmp_path / 'mnist_run'
-  proc = run_module('train_mnist', f'--workdir={workdir}', f'--npz={npz}',
-                    '--steps=2', '--set', 'train.batch_size=8', '--set',
+@pytest.mark.parametrize('name, shape, steps, preprocessing', [
+    ('mnist', (28, 28), 2, 'scale'),
+    ('cifar10', (32, 32, 3), 1, 'gcn_zca'),
+])
+def test_train_script_trains_its_config_on_an_npz(name, shape, steps,
+                                                  preprocessing, tmp_path):
+  """experiments/train_mnist.py and train_cifar10.py on a small npz."""
+  npz = write_npz(tmp_path / f'{name}.npz', shape)
+  workdir = tmp_path / f'{name}_run'
+  proc = run_module(f'train_{name}', f'--workdir={workdir}', f'--npz={npz}',
+                    f'--steps={steps}', '--set', 'train.batch_size=8', '--set',
                     'train.eval_batch_size=10', '--set',
                     'runtime.cpu_devices=1')
-  check_training(proc, 'mnist', workdir, npz, 2, 'scale')
-
-
-@pytest.mark.slow
-def test_train_cifar10_whitens_and_trains_on_an_npz(tmp_path):
-  npz = write_npz(tmp_path / 'cifar10.npz', (32, 32, 3))
-  workdir = tmp_path / 'cifar10_run'
-  proc = run_module('train_cifar10', f'--workdir={workdir}', f'--npz={npz}',
-                    '--steps=1', '--set', 'train.batch_size=8', '--set',
-                    'train.eval_batch_size=10', '--set',
-                    'runtime.cpu_devices=1')
-  check_training(proc, 'cifar10', workdir, npz, 1, 'gcn_zca')
-  # The GCN + ZCA statistics of the training images, kept with the run.
-  assert (workdir / 'preprocessing.json').is_file()
-  assert (workdir / 'preprocessing.npz').is_file()
+  check_training(proc, name, workdir, npz, steps, preprocessing)
+  if preprocessing == 'gcn_zca':
+    # The GCN + ZCA statistics of the training images, kept with the run.
+    assert (workdir / 'preprocessing.json').is_file()
+    assert (workdir / 'preprocessing.npz').is_file()
 
 
 def test_train_mnist_says_which_npz_is_missing(tmp_path):
