@@ -49,7 +49,13 @@ def author_workdir(tmp_path_factory):
 
 
 def test_the_authors_model_gives_the_papers_test_error(author_workdir):
-  result = inference.evaluate(str(author_workdir))
+  """`python -m nin_jax.evaluate` as a user runs it (its batches split over
+  the virtual CPU devices it picks)."""
+  out = subprocess.run(
+      [sys.executable, '-m', 'nin_jax.evaluate', f'--workdir={author_workdir}'],
+      cwd=REPO, capture_output=True, text=True, timeout=900)
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
   assert result['examples'] == 10_000
   errors = round(result['error'] * result['examples'])
   assert abs(errors - AUTHOR_ERRORS) <= ERROR_NOISE, result
