@@ -183,6 +183,7 @@ def flat_layout(config: dict) -> dict:
   return flat
 
 
+@pytest.mark.slow
 def test_a_workdir_with_a_flat_config_json_still_loads_and_resumes(
     quickstart_config, tmp_path):
   """Workdirs written before the subtrees: evaluate, predict and resume read

@@ -159,6 +159,7 @@ def test_checkpoint_of_another_model_is_refused(tmp_path, quickstart_config):
   assert (pathlib.Path(workdir) / 'checkpoints' / '2').exists()
 
 
+@pytest.mark.slow
 def test_disk_full_during_save_keeps_the_previous_checkpoint(
     tmp_path, quickstart_config, monkeypatch):
   c = quickstart_config
