@@ -5,8 +5,9 @@ imports JAX, so that no outcome depends on the caller's shell: the platform
 (CPU), the device count of the test process (one: a caller's
 `--xla_force_host_platform_device_count` is removed), no cluster variables
 (a run inside a SLURM or Open MPI allocation must not join a distributed
-runtime), and fresh cache directories for XLA, nin-jax's ZCA statistics and
-TFDS, so a result never comes from a cache an earlier run left behind. The
+runtime), fresh cache directories for nin-jax's ZCA statistics and TFDS, so a
+result never comes from files an earlier run left behind, and one XLA
+compilation cache for every process of the session. The
 processes the tests start inherit all of it.
 """
 
@@ -45,14 +46,23 @@ def _pin_environment(environ) -> None:
     environ['XLA_FLAGS'] = ' '.join(xla_flags)
   else:
     environ.pop('XLA_FLAGS', None)
-  # One persistent XLA compilation cache per session, shared by the processes
-  # the tests start: the many short runs of the quick-start model compile each
-  # step once. Fresh each session, so no result depends on an old cache.
-  for name, sub in (('JAX_COMPILATION_CACHE_DIR', 'xla_cache'),
-                    ('XDG_CACHE_HOME', 'cache'),
+  # Fresh per-session directories for nin-jax's ZCA statistics and TFDS, so
+  # no result comes from files an earlier run left behind.
+  for name, sub in (('XDG_CACHE_HOME', 'cache'),
                     ('TFDS_DATA_DIR', 'tensorflow_datasets')):
     environ[name] = os.path.join(_SESSION_DIR, sub)
     os.makedirs(environ[name], exist_ok=True)
+  # One persistent XLA compilation cache, shared by the processes the tests
+  # start: the many short runs of the quick-start model compile each program
+  # once. It holds compiled programs keyed by their HLO, flags and JAX
+  # version, never results. Per session, unless NIN_JAX_TEST_XLA_CACHE names
+  # a directory to share between sessions (.ci/run shares one between the
+  # default and slow tiers).
+  xla_cache = (environ.get('NIN_JAX_TEST_XLA_CACHE') or
+               os.path.join(_SESSION_DIR, 'xla_cache'))
+  os.makedirs(xla_cache, exist_ok=True)
+  environ['JAX_COMPILATION_CACHE_DIR'] = xla_cache
+  environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
 
 
 _pin_environment(os.environ)

@@ -10,6 +10,7 @@ import sys
 from typing import Optional
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from etils import epath
@@ -24,6 +25,13 @@ def shared_data_dir() -> pathlib.Path:
   """Real datasets (MNIST, CIFAR-10 .npz); override with NIN_JAX_DATA_DIR."""
   return pathlib.Path(os.environ.get('NIN_JAX_DATA_DIR',
                                      REPO.parent / 'shared' / 'data'))
+
+
+def normal(seed: int, shape, scale: float = 1.0):
+  """Standard-normal float32 test input of `shape`, from NumPy: jax.random
+  would compile its generator anew for every shape (about a second each)."""
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(
+      shape, dtype=np.float32) * np.float32(scale))
 
 
 def error_lines(stderr: str) -> list[str]:
@@ -52,6 +60,7 @@ ARGS = ['--config=configs/quickstart.py', f'--config.train.num_train_steps={STEP
 
 # Runs nin_jax.main with a fault injected at a chosen point, in-process:
 #   step:N   SIGKILL while logging train step N (between steps)
+#   term:N   SIGTERM (a preemption notice) while logging train step N
 #   save:N   SIGKILL right after the save of step N started (write in flight)
 #   save:N:S SIGKILL S seconds after the save of step N started (training and
 #            the asynchronous write go on meanwhile)
@@ -63,13 +72,14 @@ when, _, delay = when.partition(':')
 when = int(when or 0)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 from nin_jax import checkpoints, input_pipeline, metric_writers
-if kind == 'step':
+if kind in ('step', 'term'):
   write = metric_writers.MetricWriter.write
-  def write_then_die(self, step, split, metrics):
+  signum = signal.SIGKILL if kind == 'step' else signal.SIGTERM
+  def write_then_signal(self, step, split, metrics):
     write(self, step, split, metrics)
     if split == 'train' and step == when:
-      die()
-  metric_writers.MetricWriter.write = write_then_die
+      os.kill(os.getpid(), signum)
+  metric_writers.MetricWriter.write = write_then_signal
 if kind == 'save':
   save = checkpoints.save
   def save_then_die(manager, step, state, force=False):

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import normal
 import nin_jax
 from nin_jax import config_lib
 from nin_jax import conv_select
@@ -76,11 +77,10 @@ def value_and_grads(conv, x, w, g):
 ])
 def test_onednn_conv_matches_xla_forward_and_gradients(shape):
   n, h, w_, ci, co, k, pad = shape
-  keys = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(keys[0], (n, h, w_, ci))
-  w = jax.random.normal(keys[1], (k, k, ci, co)) * 0.2
+  x = normal(0, (n, h, w_, ci))
+  w = normal(1, (k, k, ci, co), 0.2)
   out = h + 2 * pad - k + 1
-  g = jax.random.normal(keys[2], (n, out, w_ + 2 * pad - k + 1, co))
+  g = normal(2, (n, out, w_ + 2 * pad - k + 1, co))
   ours = jax.jit(lambda x, w, g: value_and_grads(
       lambda x, w: onednn.onednn_conv(x, w, pad), x, w, g))(x, w, g)
   ref = value_and_grads(lambda x, w: xla_conv(x, w, pad), x, w, g)
@@ -99,9 +99,8 @@ def test_the_plugin_loads_and_runs_float32():
 def test_bfloat16_convolutions_run_on_every_cpu():
   """bfloat16 goes to oneDNN where this CPU has it and to XLA elsewhere;
   either way the result is XLA's within bfloat16 rounding."""
-  keys = jax.random.split(jax.random.key(0), 2)
-  x = jax.random.normal(keys[0], (2, 6, 6, 8)).astype(jnp.bfloat16)
-  w = (jax.random.normal(keys[1], (3, 3, 8, 4)) * 0.2).astype(jnp.bfloat16)
+  x = normal(0, (2, 6, 6, 8)).astype(jnp.bfloat16)
+  w = normal(1, (3, 3, 8, 4), 0.2).astype(jnp.bfloat16)
   ref = xla_conv(x, w, 1).astype(np.float32)
   assert onednn.use_onednn(x, w) == onednn.supports(jnp.bfloat16)
   out = jax.jit(lambda x, w: onednn.conv_general_dilated(
@@ -115,10 +114,9 @@ def test_onednn_conv_in_bfloat16_matches_xla():
   if not onednn.supports(jnp.bfloat16):
     pytest.skip('oneDNN has no bfloat16 convolution on this CPU (it needs '
                 'AVX-512 or AVX2-VNNI-2); XLA convolves bfloat16 here')
-  keys = jax.random.split(jax.random.key(0), 3)
-  x = jax.random.normal(keys[0], (4, 9, 9, 16)).astype(jnp.bfloat16)
-  w = (jax.random.normal(keys[1], (3, 3, 16, 8)) * 0.2).astype(jnp.bfloat16)
-  g = jax.random.normal(keys[2], (4, 9, 9, 8)).astype(jnp.bfloat16)
+  x = normal(0, (4, 9, 9, 16)).astype(jnp.bfloat16)
+  w = normal(1, (3, 3, 16, 8), 0.2).astype(jnp.bfloat16)
+  g = normal(2, (4, 9, 9, 8)).astype(jnp.bfloat16)
   ours = jax.jit(lambda x, w, g: value_and_grads(
       lambda x, w: onednn.onednn_conv(x, w, 1), x, w, g))(x, w, g)
   ref = value_and_grads(lambda x, w: xla_conv(x, w, 1), x, w, g)
@@ -131,8 +129,8 @@ def test_onednn_conv_in_bfloat16_matches_xla():
 
 @needs_plugin
 def test_onednn_conv_under_vmap_per_example_gradients():
-  x = jax.random.normal(jax.random.key(0), (3, 6, 6, 4))
-  w = jax.random.normal(jax.random.key(1), (3, 3, 4, 5))
+  x = normal(0, (3, 6, 6, 4))
+  w = normal(1, (3, 3, 4, 5))
   per_example = lambda conv: jax.vmap(jax.grad(
       lambda w, xi: jnp.sum(jnp.tanh(conv(xi[None], w)))), (None, 0))(w, x)
   np.testing.assert_allclose(
@@ -294,7 +292,7 @@ def test_a_library_of_another_onednn_version_is_refused(monkeypatch):
 @pytest.mark.slow
 @needs_plugin
 def test_cifar10_model_with_onednn_matches_xla_and_plain_reference():
-  x = jax.random.normal(jax.random.key(0), (4, 32, 32, 3))
+  x = normal(0, (4, 32, 32, 3))
   xla = nin_jax.create_model('cifar10', conv=conv_select.conv_module('xla'))
   ours = nin_jax.create_model('cifar10',
                               conv=conv_select.conv_module('onednn'))
@@ -368,7 +366,7 @@ def _model_and_batch(conv=None):
   module instead of conv_select's), its params and a batch."""
   model = nin_jax.create_model(
       'quickstart', conv=conv or conv_select.conv_module('onednn'))
-  x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
+  x = normal(0, (2, 8, 8, 1))
   params = model.clone(conv=models.Conv).init(jax.random.key(1), x)['params']
   return model, params, x
 
@@ -377,8 +375,8 @@ def _model_and_batch(conv=None):
 def test_forward_mode_and_second_derivatives_match_xla():
   shape = (2, 7, 6, 3, 5, 3, 1)  # batch, height, width, in, out, kernel, pad
   n, h, w_, ci, co, k, pad = shape
-  x = jax.random.normal(jax.random.key(0), (n, h, w_, ci))
-  w = jax.random.normal(jax.random.key(1), (k, k, ci, co)) * 0.3
+  x = normal(0, (n, h, w_, ci))
+  w = normal(1, (k, k, ci, co), 0.3)
   ours = lambda x, w: jnp.tanh(onednn.onednn_conv(x, w, pad))
   ref = lambda x, w: jnp.tanh(xla_conv(x, w, pad))
 

@@ -360,15 +360,12 @@ def test_evaluate_command_passes_its_flags(run, moved, tmp_path):
 
 @pytest.mark.parametrize('flag, line', [
     pytest.param('--split=bogus', '--split=bogus: value should be one of '
-                 '<|test|validation|train>', id='split',
-                 marks=pytest.mark.slow),
+                 '<|test|validation|train>', id='split'),
     pytest.param('--step=7', '--step=7: {workdir}/checkpoints has no '
-                 'checkpoint at that step; it has steps [30, 60].', id='step',
-                 marks=pytest.mark.slow),
+                 'checkpoint at that step; it has steps [30, 60].', id='step'),
     pytest.param('--dataset=npz:{tmp}/none.npz', '--dataset=npz:{tmp}/none.npz:'
                  " no such file; point it at a .npz with keys ('x_train', "
-                 "'y_train', 'x_test', 'y_test').", id='dataset',
-                 marks=pytest.mark.slow),
+                 "'y_train', 'x_test', 'y_test').", id='dataset'),
     # The data errors name training's --config.data.* flags; evaluate names
     # its own.
     pytest.param('--data_dir={tmp}', '--dataset=tfds:mnist: no prepared copy '

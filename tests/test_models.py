@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from helpers import normal
 import nin_jax
 from nin_jax import models
 
@@ -107,7 +108,7 @@ def test_pools_match_caffe(size):
 def test_max_pool_gradient_matches_reduce_window(size, relu_first):
   # After a ReLU many windows tie at 0; the ReLU's zero gradient there makes
   # the routing of tied gradients irrelevant, as in the network.
-  x = jax.random.normal(jax.random.key(size), (2, size, size, 4))
+  x = normal(size, (2, size, size, 4))
   pad = models._ceil_mode_padding(size, 3, 2)[1]
   first = jax.nn.relu if relu_first else (lambda x: x)
   reference = lambda x: nn.max_pool(first(x), (3, 3), (2, 2),
@@ -121,7 +122,7 @@ def test_max_pool_gradient_matches_reduce_window(size, relu_first):
 
 @pytest.mark.parametrize('kernel,padding', [((1, 1), 0), ((3, 3), 1)])
 def test_conv_equals_nn_conv(kernel, padding):
-  x = jax.random.normal(jax.random.key(0), (2, 5, 5, 7))
+  x = normal(0, (2, 5, 5, 7))
   conv = models.Conv(4, kernel, padding=padding)
   params = conv.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
@@ -170,7 +171,7 @@ class ReferenceNiN(nn.Module):
 
 def test_cifar10_matches_plain_reference():
   model = nin_jax.create_model('cifar10')
-  x = jax.random.normal(jax.random.key(0), (2, 32, 32, 3))
+  x = normal(0, (2, 32, 32, 3))
   params = model.init(jax.random.key(1), x)['params']
   ref_params = {}
   for b in (1, 2, 3):
@@ -184,7 +185,7 @@ def test_cifar10_matches_plain_reference():
 @pytest.mark.slow
 def test_dropout_only_in_train_mode():
   model = nin_jax.create_model('quickstart')
-  x = jax.random.normal(jax.random.key(0), (4, 8, 8, 1))
+  x = normal(0, (4, 8, 8, 1))
   variables = model.init(jax.random.key(1), x)
   a = model.apply(variables, x)
   np.testing.assert_array_equal(a, model.apply(variables, x))
@@ -259,7 +260,7 @@ def readme_block(marker: str) -> str:
 @pytest.mark.slow
 def test_readme_nnx_code_trains_with_batchnorm():
   from flax import nnx
-  images = jax.random.normal(jax.random.key(1), (4, 32, 32, 3))
+  images = normal(1, (4, 32, 32, 3))
   labels = jnp.arange(4)
   scope = {'jax': jax, 'jnp': jnp, 'nin_jax': nin_jax, 'images': images}
   exec(readme_block('nnx.bridge.ToNNX'), scope)  # pylint: disable=exec-used
@@ -296,8 +297,8 @@ def test_bernoulli_mask_rates_and_dropout_scaling():
 
 @pytest.mark.parametrize('dtype', [None, jnp.bfloat16])
 def test_batch_norm_matches_flax(dtype):
-  x = jax.random.normal(jax.random.key(0), (16, 6, 6, 12)) * 3 + 1
-  g = jax.random.normal(jax.random.key(1), (16, 6, 6, 12))
+  x = normal(0, (16, 6, 6, 12)) * 3 + 1
+  g = normal(1, (16, 6, 6, 12))
   ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
                      dtype=dtype)
   ours = models.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)

@@ -163,7 +163,6 @@ def test_rerun_trains_nothing(heads, monkeypatch):
       r['wall_seconds'] for r in table['rows']]
 
 
-@pytest.mark.slow
 def test_same_run_in_another_table_is_reused_not_trained(heads, dropout,
                                                         monkeypatch):
   """dropout/dropout trains the config of heads/gap: with that row finished
@@ -208,7 +207,6 @@ def test_row_without_final_evaluation_is_unfinished(heads, tmp_path):
   assert not paper_tables.read_result(rows[0])
 
 
-@pytest.mark.slow
 def test_dropout_rows_differ_only_in_dropout_rate(dropout):
   workdir, _, table, _ = dropout
   with_dropout, without = table['rows']

@@ -452,7 +452,9 @@ def test_nonfinite_step_is_reported_at_its_own_step_when_fetched_late(
 
 def test_profile_steps_writes_a_trace_into_the_workdir(quickstart_config,
                                                        tmp_path, caplog):
-  caplog.set_level('INFO')
+  # The absl logger's own level, which flag parsing elsewhere in the worker
+  # may have set to WARNING, not only the root's.
+  caplog.set_level('INFO', logger='absl')
   c = short(quickstart_config, steps=4, profile_steps=2)
   train.train_and_evaluate(c, str(tmp_path / 'run'))
   traces = list((tmp_path / 'run' / 'profile').rglob('*.xplane.pb'))
