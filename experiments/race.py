@@ -51,6 +51,7 @@ import ml_collections
 import numpy as np
 
 from experiments import race_plan
+from experiments.provenance import commit, machine
 from experiments.paper_tables import flag_value  # --config.FIELD=VALUE.
 from nin_jax import cli
 from nin_jax import config_lib
@@ -230,31 +231,6 @@ def jax_curve(workdir: pathlib.Path) -> list[dict[str, Any]]:
                       if window else None})
     last_step = e['step']
   return curve
-
-
-def machine() -> dict[str, Any]:
-  """What the race ran on."""
-  model = ''
-  try:
-    for line in pathlib.Path('/proc/cpuinfo').read_text().splitlines():
-      if line.startswith('model name'):
-        model = line.split(':', 1)[1].strip()
-        break
-  except OSError:
-    pass
-  return {'cpu': model or platform.processor(), 'cpu_count': os.cpu_count(),
-          'platform': platform.platform()}
-
-
-def commit() -> str:
-  """HEAD, with '-dirty' when tracked files differ from it ('' outside git)."""
-  head = subprocess.run(['git', 'rev-parse', 'HEAD'], cwd=REPO,
-                        capture_output=True, text=True, check=False)
-  if head.returncode != 0:
-    return ''
-  dirty = subprocess.run(['git', 'status', '--porcelain', '--untracked-files=no'],
-                         cwd=REPO, capture_output=True, text=True, check=False)
-  return head.stdout.strip() + ('-dirty' if dirty.stdout.strip() else '')
 
 
 def race(args: argparse.Namespace, framework: str,

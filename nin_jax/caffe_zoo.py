@@ -20,6 +20,7 @@ nin_jax.evaluate, predict and export use it as they are:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -45,19 +46,25 @@ from nin_jax.errors import DataError
 @dataclasses.dataclass(frozen=True)
 class ZooModel:
   """A Caffe model zoo NiN: the preset it fills, its second pooling, the
-  dataset it is evaluated on and its batch sizes."""
+  dataset it is evaluated on, its batch sizes, and where the weights come
+  from (the gist; the file's sha256 where it is known here, '' if not)."""
   preset: str
   second_pool: str
   dataset: str
   batch_size: int
   eval_batch_size: int
+  url: str
+  sha256: str
 
 
 ZOO = {
-    # gist mavenlin/d802a5849de39225bcc6
-    'imagenet': ZooModel('imagenet', '', 'tfds:imagenet2012', 64, 250),
-    # gist mavenlin/e56253735ef32c3c296d
-    'cifar10': ZooModel('cifar10', 'avg', 'tfds:cifar10', 128, 500),
+    'imagenet': ZooModel(
+        'imagenet', '', 'tfds:imagenet2012', 64, 250,
+        'https://gist.github.com/mavenlin/d802a5849de39225bcc6', ''),
+    'cifar10': ZooModel(
+        'cifar10', 'avg', 'tfds:cifar10', 128, 500,
+        'https://gist.github.com/mavenlin/e56253735ef32c3c296d',
+        'd131ace82eeecbc14bfba817a99eaaef3ecf4fbfeac1d5da2bc2c3ef4d1fb3da'),
 }
 CAFFE_MEAN_PIXEL = (104.0, 117.0, 123.0)  # B, G, R.
 CAFFE_RESIZE = 256  # ImageNet images were squashed to 256x256 ...
@@ -247,6 +254,31 @@ def zoo_config(zoo: ZooModel, dataset: str, data_dir: str
   return c
 
 
+def file_sha256(path: str) -> str:
+  digest = hashlib.sha256()
+  with epath.Path(path).open('rb') as f:
+    for chunk in iter(lambda: f.read(1 << 20), b''):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def check_provenance(caffemodel: str, zoo: ZooModel) -> Optional[str]:
+  """A warning (logged, and returned) if `caffemodel` is not the zoo's file
+  of `zoo`: not a refusal, since other trained weights of the same net are
+  legitimate, but their results are not the zoo model's."""
+  if not zoo.sha256:
+    return None
+  found = file_sha256(caffemodel)
+  if found == zoo.sha256:
+    return None
+  message = (f'{caffemodel} has sha256 {found}, not {zoo.sha256} (the '
+             f'{zoo.preset} model of {zoo.url}): importing it as weights of '
+             f'the same net; results measured with the zoo file do not apply '
+             f'to it.')
+  logging.warning(message)
+  return message
+
+
 def import_caffemodel(caffemodel: str, preset: str, workdir: str,
                       mean_file: Optional[str] = None,
                       mean_pixel: Sequence[float] = CAFFE_MEAN_PIXEL,
@@ -260,7 +292,9 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str,
   if inference.checkpoint_steps(workdir):
     raise config_lib.ConfigError(f'--workdir={workdir} already holds '
                                  f'checkpoints; import into a new workdir.')
-  params = match_params(caffemodel, caffe_model.read_net(caffemodel), zoo)
+  net = caffe_model.read_net(caffemodel)
+  check_provenance(caffemodel, zoo)
+  params = match_params(caffemodel, net, zoo)
   c = zoo_config(zoo, dataset or zoo.dataset, data_dir)
   num_classes = models.PRESETS[preset].num_classes
   names = read_class_names(class_names, num_classes)

@@ -9,6 +9,7 @@ loads on M.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Optional
 
 import jax
@@ -42,6 +43,20 @@ def abstract_like(state: Any) -> Any:
   return jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
       state)
+
+
+def checkpoint_dir(workdir: str) -> epath.Path:
+  """WORKDIR/checkpoints (absolute for a local path: orbax needs it)."""
+  directory = epath.Path(workdir) / 'checkpoints'
+  return directory if '://' in workdir else directory.absolute()
+
+
+def checkpoint_steps(workdir: str) -> list[int]:
+  """The steps of the complete checkpoints in `workdir`, ascending."""
+  directory = checkpoint_dir(workdir)
+  if not directory.exists():
+    return []
+  return sorted(ocp.path.step.checkpoint_steps(directory))
 
 
 def read_numpy(item_dir: str) -> dict[str, Any]:
@@ -97,6 +112,28 @@ def _check_shapes(step: int, saved: dict, current: dict,
       f'differ). Use a new --workdir or the config that wrote it.')
 
 
+def _check_training_state(step: int, saved_tree: Any, target: Any,
+                          directory) -> None:
+  """Raises CheckpointError if the checkpoint lacks parts of a train state
+  (the weights-only checkpoint of an import): it is whole, not damaged."""
+  if not isinstance(saved_tree, dict):
+    return
+  parts = ({f.name: getattr(target, f.name) for f in dataclasses.fields(target)}
+           if dataclasses.is_dataclass(target) else dict(target))
+  # A part without arrays (the BatchNorm statistics of a model without
+  # BatchNorm) may be absent from any checkpoint.
+  missing = [k for k, v in parts.items()
+             if jax.tree.leaves(v) and k not in saved_tree]
+  if missing:
+    workdir = epath.Path(directory).parent
+    raise CheckpointError(
+        f'The checkpoint at step {step} in {directory} holds '
+        f'{sorted(saved_tree)} but no {missing}: the weights of a model (as '
+        f'nin_jax.caffe_import writes), not a training state to resume. '
+        f'Start a run from them in a new --workdir with '
+        f'--config.train.init_from={workdir}.')
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any
                    ) -> tuple[Optional[int], Any]:
   """Restores the newest readable checkpoint into the structure of `target`.
@@ -117,6 +154,8 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any
       _warn_damaged(step, e)
       errors.append(step)
       continue
+    _check_training_state(step, getattr(metadata, 'tree', metadata), target,
+                          manager.directory)
     _check_shapes(step, saved, current, manager.directory)
     try:
       restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
@@ -163,3 +202,82 @@ def _warn_damaged(step: int, error: Exception) -> None:
   logging.warning('Checkpoint at step %d is damaged or incomplete (%s: %s); '
                   'trying the previous one.', step, type(error).__name__,
                   first_line)
+
+
+def parse_init_from(spec: str) -> tuple[str, Optional[int]]:
+  """'WORKDIR' or 'WORKDIR:STEP' (config.train.init_from) -> (workdir, step
+  or None for the newest)."""
+  head, sep, tail = spec.rpartition(':')
+  if sep and tail.isdigit() and head and not head.endswith(':/'):
+    return head, int(tail)
+  return spec, None
+
+
+def init_from_step(spec: str) -> int:
+  """The step config.train.init_from names (its newest if none is given);
+  CheckpointError naming the field if the workdir or the step is missing."""
+  workdir, step = parse_init_from(spec)
+  steps = checkpoint_steps(workdir)
+  if not steps:
+    raise CheckpointError(
+        f'config.train.init_from={spec}: {checkpoint_dir(workdir)} holds no '
+        f'complete checkpoint; name a workdir that python -m nin_jax.main or '
+        f'nin_jax.caffe_import wrote.')
+  if step is None:
+    return max(steps)
+  if step not in steps:
+    raise CheckpointError(
+        f'config.train.init_from={spec}: no checkpoint at step {step}; that '
+        f'workdir has steps {steps}.')
+  return step
+
+
+def init_from_shapes(spec: str) -> dict[str, dict[str, tuple[int, ...]]]:
+  """{'params': shapes, 'batch_stats': shapes} of the checkpoint
+  config.train.init_from names, from its metadata alone (nothing read)."""
+  workdir, _ = parse_init_from(spec)
+  step = init_from_step(spec)
+  tree = ocp.PyTreeCheckpointer().metadata(
+      str(checkpoint_dir(workdir) / str(step) / 'default')).item_metadata.tree
+  return {part: _shapes(tree.get(part) or {})
+          for part in ('params', 'batch_stats')}
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def check_init_from(spec: str, params: Any, batch_stats: Any) -> None:
+  """Raises CheckpointMismatchError naming the first parameter (or BatchNorm
+  statistic) whose shape differs between config.train.init_from's checkpoint
+  and this run's model (`params`, `batch_stats`: arrays or shape structs)."""
+  saved = init_from_shapes(spec)
+  for part, tree in (('params', params), ('batch_stats', batch_stats)):
+    here = _shapes(tree)
+    if saved[part] == here:
+      continue
+    differ = sorted(set(saved[part]) ^ set(here)) or sorted(
+        k for k in here if saved[part][k] != here[k])
+    name = differ[0]
+    raise CheckpointMismatchError(
+        f'config.train.init_from={spec}: {part} {name} is '
+        f'{saved[part].get(name, "absent")} there and '
+        f'{here.get(name, "absent")} in this run\'s model ({len(differ)} '
+        f'differ); start from a workdir of the same config.model.')
+
+
+def read_init_from(spec: str) -> tuple[int, dict[str, Any]]:
+  """(step, {'params', 'batch_stats'}) of config.train.init_from's checkpoint,
+  as NumPy arrays (plain orbax: any device count wrote it)."""
+  workdir, _ = parse_init_from(spec)
+  step = init_from_step(spec)
+  return step, read_weights(workdir, step)
+
+
+def read_weights(workdir: str, step: int) -> dict[str, Any]:
+  """{'params', 'batch_stats'} of WORKDIR's checkpoint at `step`, as NumPy
+  arrays (plain orbax: any device count wrote it)."""
+  tree = read_numpy(str(checkpoint_dir(workdir) / str(step) / 'default'))
+  return {'params': tree['params'],
+          'batch_stats': tree.get('batch_stats') or {}}

@@ -97,6 +97,10 @@ def default_config() -> ml_collections.ConfigDict:
   t.checkpoint_every_steps = 0    # 0: once per epoch.
   t.keep_checkpoints = 3
   t.skip_nonfinite_steps = False  # True: skip a NaN/Inf step instead of stopping.
+  # 'WORKDIR' or 'WORKDIR:STEP': a new run starts (step 0, fresh optimizer)
+  # from the parameters and BatchNorm statistics of that workdir's newest (or
+  # STEP's) checkpoint: another run or an imported model. Unused on resume.
+  t.init_from = ''
   # >0: a jax.profiler trace of this many steps (after the first, compiling
   # one) into WORKDIR/profile, for TensorBoard or Perfetto.
   t.profile_steps = 0

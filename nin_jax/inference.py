@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
-import orbax.checkpoint as ocp
 from etils import epath
 from PIL import Image
 
@@ -70,17 +69,8 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return c
 
 
-def checkpoint_dir(workdir: str) -> epath.Path:
-  directory = epath.Path(workdir) / 'checkpoints'
-  return directory if '://' in workdir else directory.absolute()
-
-
-def checkpoint_steps(workdir: str) -> list[int]:
-  """The steps of the complete checkpoints in `workdir`, ascending."""
-  directory = checkpoint_dir(workdir)
-  if not directory.exists():
-    return []
-  return sorted(ocp.path.step.checkpoint_steps(directory))
+checkpoint_dir = checkpoints.checkpoint_dir
+checkpoint_steps = checkpoints.checkpoint_steps
 
 
 def read_variables(workdir: str, step: Optional[int] = None
@@ -97,9 +87,7 @@ def read_variables(workdir: str, step: Optional[int] = None
   elif step not in steps:
     raise WorkdirError(f'--step={step}: {directory} has no checkpoint at '
                        f'that step; it has steps {steps}.')
-  tree = checkpoints.read_numpy(str(directory / str(step) / 'default'))
-  return step, {'params': tree['params'],
-                'batch_stats': tree.get('batch_stats') or {}}
+  return step, checkpoints.read_weights(workdir, step)
 
 
 def load(workdir: str, step: Optional[int] = None) -> TrainedModel:

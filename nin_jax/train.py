@@ -630,7 +630,32 @@ def prepare(c: ml_collections.ConfigDict, workdir: str
   config_lib.check_batch_size(c, len(dataset.train))
   config_lib.check_schedule_length(
       c, input_pipeline.steps_per_epoch(len(dataset.train), c.train.batch_size))
+  if c.train.init_from and not checkpoints.checkpoint_steps(workdir):
+    shapes = jax.eval_shape(lambda: init_variables(
+        build_model(c.model), dataset.image_shape, c.train.seed))
+    checkpoints.check_init_from(c.train.init_from, shapes['params'],
+                                shapes.get('batch_stats', {}))
   return dataset
+
+
+def start_from(state: TrainState, spec: str) -> TrainState:
+  """`state` with the parameters and BatchNorm statistics of the checkpoint
+  config.train.init_from names, placed as `state`'s own (any mesh, any
+  number of processes); its step, optimizer and PRNG key stay fresh."""
+  step, weights = checkpoints.read_init_from(spec)
+
+  def place(saved: Any, like: jax.Array) -> jax.Array:
+    saved = np.asarray(saved, like.dtype)
+    return jax.make_array_from_callback(like.shape, like.sharding,
+                                        lambda index: saved[index])
+
+  state = state.replace(
+      params=jax.tree.map(place, weights['params'], state.params),
+      batch_stats=jax.tree.map(place, weights['batch_stats'],
+                               state.batch_stats))
+  logging.info('Starting from the parameters of %s (its step %d).', spec,
+               step)
+  return state
 
 
 class Checkpointer:
@@ -670,6 +695,10 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   restored_step, state = checkpoints.restore_latest(manager, trainer.state)
   if restored_step is not None:
     logging.info('Resumed from the checkpoint at step %d.', restored_step)
+    if c.train.init_from:
+      logging.info('config.train.init_from is not used: this run resumes.')
+  elif c.train.init_from:
+    state = start_from(state, c.train.init_from)
   step = start_step = int(state.step)
   total_steps = trainer.total_steps
   logging.info('Training %s (%d params) on %d device(s) for %d steps '

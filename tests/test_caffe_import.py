@@ -2,6 +2,7 @@
 protobuf encoder of its own, below) with random weights, imported, and
 compared with an independent NumPy NCHW forward pass of the same Caffe net."""
 
+import hashlib
 import math
 import pathlib
 import subprocess
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import shared_data_dir
 from nin_jax import caffe_model
 from nin_jax import caffe_zoo
 from nin_jax import inference
@@ -237,7 +239,7 @@ def low_rank_zca(x, filter_bias=0.1):
 
 
 def test_cifar10_caffemodel_matches_caffe_after_gcn_zca(tmp_path,
-                                                        monkeypatch):
+                                                        monkeypatch, caplog):
   small = np.random.default_rng(4).normal(size=(30, 4, 4, 3))
   for ours, theirs in zip(low_rank_zca(small), preprocessing.fit_zca(small)):
     np.testing.assert_allclose(ours, theirs, rtol=1e-4, atol=1e-5)
@@ -254,6 +256,15 @@ def test_cifar10_caffemodel_matches_caffe_after_gcn_zca(tmp_path,
   workdir = tmp_path / 'imported'
   caffe_zoo.import_caffemodel(str(model_file), 'cifar10', str(workdir),
                               dataset=f'npz:{data}')
+  # Not the zoo's file: imported all the same, with a warning naming both.
+  digest = hashlib.sha256(model_file.read_bytes()).hexdigest()
+  warned = [r.getMessage() for r in caplog.records if 'sha256' in
+            r.getMessage()]
+  assert warned == [
+      f'{model_file} has sha256 {digest}, not {caffe_zoo.ZOO["cifar10"].sha256}'
+      ' (the cifar10 model of https://gist.github.com/mavenlin/'
+      'e56253735ef32c3c296d): importing it as weights of the same net; '
+      'results measured with the zoo file do not apply to it.']
 
   trained, probabilities = model_probabilities(workdir, x_test)
   assert trained.spec.class_names[0] == 'airplane'
@@ -322,3 +333,18 @@ def test_files_that_are_not_caffemodels_are_one_line_errors(tmp_path):
             if l.startswith('nin_jax: error:')]
   assert len(errors) == 1 and f'{tmp_path / "a.png"}: not a Caffe model' in (
       errors[0])
+
+
+def test_the_zoo_file_is_recognised_by_its_sha256(tmp_path):
+  """The sha256 nin-jax checks is the shared copy's (../shared/data/README.md
+  gives the same); a one-byte change is caught."""
+  path = shared_data_dir() / 'caffe' / 'cifar10_nin.caffemodel'
+  if not path.exists():
+    pytest.skip(f'{path} not found; set NIN_JAX_DATA_DIR')
+  zoo = caffe_zoo.ZOO['cifar10']
+  assert caffe_zoo.check_provenance(str(path), zoo) is None
+  data = bytearray(path.read_bytes())
+  data[-1] ^= 1
+  changed = tmp_path / 'changed.caffemodel'
+  changed.write_bytes(bytes(data))
+  assert zoo.sha256 in caffe_zoo.check_provenance(str(changed), zoo)

@@ -271,9 +271,11 @@ def test_readme_nnx_code_trains_with_batchnorm():
   assert count(nnx.state(model, nnx.Param)) == count(linen['params'])
   stats = jax.tree.map(jnp.copy, nnx.state(model, nnx.BatchStat))
   kernel = jnp.copy(model.mlpconv1['conv']['kernel'][...])
+  # 30 steps on the same 4 images: the model learns them. (Over a step or
+  # two, dropout's noise can outweigh the descent either way.)
   losses = [float(train_step(model, scope['optimizer'], images, labels))
-            for _ in range(3)]
-  assert losses[-1] < losses[0]
+            for _ in range(30)]
+  assert np.mean(losses[-3:]) < 0.5 * losses[0], losses
   moved = jax.tree.map(lambda a, b: float(jnp.abs(a - b).max()), stats,
                        nnx.state(model, nnx.BatchStat))
   assert min(jax.tree.leaves(moved)) > 0  # Every running statistic updated.
