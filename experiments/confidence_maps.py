@@ -234,8 +234,11 @@ def main(argv: Optional[list[str]] = None) -> None:
   with cli.user_errors():  # A user's mistake: one line, exit status 2.
     trained = inference.load(args.workdir, args.step)
     result = compute(trained, args.split, args.num_images, **overrides)
+  source = inference.read_source(args.workdir)
+  model = (f'{source}, imported' if source else
+           f'{args.workdir}, step {trained.step}')
   fig = plot(result, trained.spec.class_names, trained.spec.fitted.max_value,
-             f'{args.workdir}, step {trained.step}: class confidence maps '
+             f'{model}: class confidence maps '
              f'({args.split or "evaluation"} split)', args.max_classes)
   fig.savefig(args.out, dpi=DPI)
   plt.close(fig)

@@ -10,8 +10,8 @@ The weights are imported once (WORKDIR/author); each run starts from them
 with configs/cifar10.py:faithful and the zoo's layout (average pooling after
 block 2), on the zoo solver's terms: batch 128, momentum 0.9, weight decay
 1e-4 on weights, biases x2, the class-map layer x0.1, dropout 0.5:
-  faithful   the solver's final learning rate, 0.001 (its base_lr 0.1 x 0.1
-             after iteration 100k of 120k), the loss the batch mean as Caffe's
+  faithful   the solver's final learning rate, 0.001, the loss the batch mean
+             as Caffe's
   summed     the same, with the loss summed over the batch instead (a wrong
              objective): with weight decay added to the gradient, as Caffe and
              nin-jax do, that is exactly learning rate 0.001 x 128 and weight

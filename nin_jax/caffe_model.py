@@ -249,6 +249,15 @@ def read_net(path: str) -> list[Layer]:
   return layers
 
 
+def net_name(path: str) -> str:
+  """The NetParameter's name (field 1) of the `.caffemodel` at `path` ('' if
+  it has none); CaffeFormatError if it is not one."""
+  try:
+    return _text(_message(_read(path)), 1)
+  except _WireError as e:
+    raise CaffeFormatError(f'{path}: not a Caffe model ({e}).') from e
+
+
 def read_blob(path: str) -> np.ndarray:
   """The array in a `.binaryproto` (a BlobProto, such as Caffe's mean image
   [1, 3, height, width]); CaffeFormatError if it is not one."""

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import re
 from typing import Any, Optional, Sequence
@@ -294,6 +295,9 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str,
                                  f'checkpoints; import into a new workdir.')
   net = caffe_model.read_net(caffemodel)
   check_provenance(caffemodel, zoo)
+  source = {'caffemodel': epath.Path(caffemodel).name,
+            'net': caffe_model.net_name(caffemodel),
+            'sha256': file_sha256(caffemodel), 'url': zoo.url}
   params = match_params(caffemodel, net, zoo)
   c = zoo_config(zoo, dataset or zoo.dataset, data_dir)
   num_classes = models.PRESETS[preset].num_classes
@@ -305,6 +309,8 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str,
     spec = cifar10_spec(c, names)
   train.write_config(c, workdir)
   input_spec.save(workdir, spec)
+  (epath.Path(workdir) / inference.SOURCE_FILE).write_text(
+      json.dumps(source, indent=2))
   manager = checkpoints.create_manager(workdir, keep=1, async_save=False)
   checkpoints.save(manager, 0, {'step': np.int32(0), 'params': params},
                    force=True)

@@ -38,6 +38,8 @@ from nin_jax import train
 
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 PREDICT_BATCH = 32  # Images per compiled call (the last batch is padded).
+# Where an imported model came from (nin_jax.caffe_import writes it).
+SOURCE_FILE = 'source.json'
 
 
 class WorkdirError(config_lib.ConfigError):
@@ -192,7 +194,19 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
   batch_size = math.ceil(c.train.eval_batch_size / devices) * devices
   metrics = train.evaluate(eval_fn, state, input_pipeline.eval_batches(
       data, batch_size, NamedSharding(mesh, P(train.DATA_AXIS))))
-  return {**metrics, 'step': trained.step}
+  source = read_source(workdir)
+  return {**metrics, 'step': trained.step,
+          **({'source': source} if source else {})}
+
+
+def read_source(workdir: str) -> Optional[str]:
+  """'FILE (net NAME)' for a workdir nin_jax.caffe_import wrote, else None:
+  what its step-0 checkpoint holds."""
+  path = epath.Path(workdir) / SOURCE_FILE
+  if not path.exists():
+    return None
+  source = json.loads(path.read_text())
+  return f'{source["caffemodel"]} (net {source["net"] or "unnamed"})'
 
 
 def classify(trained: TrainedModel, paths: Sequence[str],

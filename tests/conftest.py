@@ -71,9 +71,9 @@ _pin_environment(os.environ)
 # out whole files in collection order): the longest first, so the two workers
 # finish together instead of one waiting on a late heavy file.
 _HEAVY_FIRST = (
-    'test_multiprocess', 'test_reliability', 'test_cloud_storage',
-    'test_paper_tables', 'test_real_data', 'test_train', 'test_inference',
-    'test_race', 'test_author_model', 'test_cpu_kernels', 'test_experiments',
+    'test_multiprocess', 'test_author_model', 'test_reliability',
+    'test_cloud_storage', 'test_paper_tables', 'test_train', 'test_inference',
+    'test_race', 'test_init_from', 'test_cpu_kernels', 'test_experiments',
     'test_train_failures', 'test_figures', 'test_models',
 )
 

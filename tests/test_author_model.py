@@ -62,6 +62,7 @@ def test_the_authors_model_gives_the_papers_test_error(author_workdir):
   errors = round(result['error'] * result['examples'])
   assert abs(errors - AUTHOR_ERRORS) <= ERROR_NOISE, result
   assert result['top5_accuracy'] > 0.99, result
+  assert result['source'] == 'cifar10_nin.caffemodel (net CIFAR10_full)'
 
 
 def test_predict_and_export_agree_with_the_evaluated_model(author_workdir,
@@ -125,9 +126,9 @@ def test_training_on_from_the_authors_weights_stays_at_his_optimum(
   """The trainer's own step, started from the imported weights
   (train.start_from, what config.train.init_from does) with the zoo solver's
   final learning rate (0.001), its batch of 128, dropout and weight decay, 5
-  steps on the first training images: the training loss stays near its start
-  (the author's model on its own training images, with dropout: about 0.3;
-  a fresh init gives ln(10) = 2.3), and on the first 1,000 test images the
+  steps on the first training images: the training loss stays where the
+  author's model has it on its own training images, with dropout (a few
+  hundredths; a fresh init gives ln(10) = 2.3), and on the first 1,000 test images the
   error moves by at most a point. (experiments/finetune_author.py runs the
   whole epoch and shows the wrong objective leaving the band.)"""
   from experiments import finetune_author  # pylint: disable=g-import-not-at-top
@@ -147,7 +148,8 @@ def test_training_on_from_the_authors_weights_stays_at_his_optimum(
         'image': put(normalize(np.asarray(x_train[rows], np.float32))),
         'label': put(np.asarray(y_train[rows], np.int32))})
     losses.append(float(metrics['loss']))
-  assert max(losses) < 0.6, losses
+  # Measured: 0.001 to 0.038 (AMD EPYC, AVX2).
+  assert max(losses) < 0.2, losses
   probabilities = jax.jit(inference.probabilities_fn(trained))
   images, labels = np.asarray(x_test[:1000], np.float32), y_test[:1000]
   errors = [np.mean(np.asarray(probabilities(v, images)).argmax(-1) != labels)

@@ -282,6 +282,7 @@ def test_cifar10_caffemodel_matches_caffe_after_gcn_zca(tmp_path,
 
   result = inference.evaluate(str(workdir))
   assert result['examples'] == 6 and result['step'] == 0
+  assert result['source'] == 'cifar10_nin.caffemodel (net nin)'
   assert result['accuracy'] == np.mean(logits.argmax(1) == np.arange(6) % 10)
 
 
