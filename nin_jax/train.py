@@ -510,8 +510,7 @@ class TrainLog:
     if not self.c.train.skip_nonfinite_steps:
       raise NonFiniteError(
           f'Step {index}: {reason}; stopped. The last good checkpoint is '
-          f'{last_good}. Lower config.optim.learning_rate or use '
-          f"config.model.weight_init='modern'.")
+          f'{last_good}. {nonfinite_remedies(self.c.model)}')
     logging.warning('Step %d: %s; step skipped.', index, reason)
 
   def _write(self, done: int, m: dict[str, Any]) -> None:
@@ -567,6 +566,25 @@ class Profiler:
       self.active = False
       logging.info('Profile of steps %d-%d written to %s.', self.first, done,
                    self.logdir)
+
+
+def nonfinite_remedies(m: ml_collections.ConfigDict) -> str:
+  """What to change after a non-finite step, for the model of config.model
+  (`m`): only the switches it does not already use."""
+  fixes = ['lower config.optim.learning_rate']
+  if m.weight_init != 'modern':
+    fixes.append("set config.model.weight_init='modern'")
+  if not m.batch_norm:
+    fixes.append('set config.model.batch_norm=True')
+  text = ', or '.join(fixes)
+  return text[0].upper() + text[1:] + '.'
+
+
+def last_good_checkpoint(last_saved: Optional[int], workdir: str) -> str:
+  """The newest checkpoint a stopped run leaves, in words."""
+  if last_saved is None:
+    return 'none (no checkpoint was saved: the run starts over)'
+  return f'step {last_saved} in {workdir}/checkpoints'
 
 
 def _format_eta(seconds: float) -> str:
@@ -751,7 +769,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
         evaluate_now = step % eval_every == 0 or last
         save_now = step % save_every == 0 or last or stop
         if log.due(step) or evaluate_now or save_now:
-          log.flush(step, f'step {save.last_saved} in {workdir}/checkpoints')
+          log.flush(step, last_good_checkpoint(save.last_saved, workdir))
         with log.paused():
           if evaluate_now:
             eval_metrics = evaluate_at(step)

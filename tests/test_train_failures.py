@@ -8,6 +8,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from nin_jax import config_lib
 from nin_jax import metric_writers
 from nin_jax import train
@@ -69,11 +71,32 @@ def test_a_nonfinite_loss_exits_with_status_3_and_one_line(tmp_path):
       r'nin_jax: error: Step (\d): loss (\S+), gradient norm (\S+) is not '
       r'finite; stopped\. The last good checkpoint is step (\d) in '
       + re.escape(f'{workdir}/checkpoints') + r'\. Lower '
-      r"config\.optim\.learning_rate or use config\.model\.weight_init="
-      r"'modern'\.", errors[0])
+      r'config\.optim\.learning_rate, or set config\.model\.batch_norm=True\.',
+      errors[0])
   assert found, errors[0]
   step, loss, norm, last_good = found.groups()
   assert not (math.isfinite(float(loss)) and math.isfinite(float(norm)))
   assert 1 <= int(step) == int(last_good) < 6
   saved = sorted(int(p.name) for p in (workdir / 'checkpoints').iterdir())
   assert saved == list(range(1, int(step) + 1))
+
+
+@pytest.mark.parametrize('weight_init, batch_norm, remedies', [
+    ('modern', True, 'Lower config.optim.learning_rate.'),
+    ('modern', False, 'Lower config.optim.learning_rate, or set '
+     'config.model.batch_norm=True.'),
+    ('faithful', False, "Lower config.optim.learning_rate, or set "
+     "config.model.weight_init='modern', or set config.model.batch_norm=True."),
+])
+def test_nonfinite_remedies_name_only_what_the_model_does_not_use(
+    weight_init, batch_norm, remedies):
+  c = config_lib.default_config()
+  c.model.weight_init, c.model.batch_norm = weight_init, batch_norm
+  assert train.nonfinite_remedies(c.model) == remedies
+
+
+def test_a_run_stopped_before_any_save_says_it_has_no_checkpoint():
+  assert train.last_good_checkpoint(None, 'runs/x') == (
+      'none (no checkpoint was saved: the run starts over)')
+  assert train.last_good_checkpoint(6, 'runs/x') == (
+      'step 6 in runs/x/checkpoints')
