@@ -41,7 +41,6 @@ import datetime
 import json
 import os
 import pathlib
-import platform
 import subprocess
 import sys
 import time
@@ -51,8 +50,8 @@ import ml_collections
 import numpy as np
 
 from experiments import race_plan
-from experiments.provenance import commit, machine
 from experiments.paper_tables import flag_value  # --config.FIELD=VALUE.
+from experiments.provenance import commit, machine
 from nin_jax import cli
 from nin_jax import config_lib
 from nin_jax import metric_writers

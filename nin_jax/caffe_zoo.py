@@ -263,14 +263,13 @@ def file_sha256(path: str) -> str:
   return digest.hexdigest()
 
 
-def check_provenance(caffemodel: str, zoo: ZooModel) -> Optional[str]:
-  """A warning (logged, and returned) if `caffemodel` is not the zoo's file
-  of `zoo`: not a refusal, since other trained weights of the same net are
-  legitimate, but their results are not the zoo model's."""
-  if not zoo.sha256:
-    return None
-  found = file_sha256(caffemodel)
-  if found == zoo.sha256:
+def check_provenance(caffemodel: str, found: str,
+                     zoo: ZooModel) -> Optional[str]:
+  """A warning (logged, and returned) if `caffemodel`, whose sha256 is
+  `found`, is not the zoo's file of `zoo`: not a refusal, since other trained
+  weights of the same net are legitimate, but their results are not the zoo
+  model's."""
+  if not zoo.sha256 or found == zoo.sha256:
     return None
   message = (f'{caffemodel} has sha256 {found}, not {zoo.sha256} (the '
              f'{zoo.preset} model of {zoo.url}): importing it as weights of '
@@ -290,14 +289,15 @@ def import_caffemodel(caffemodel: str, preset: str, workdir: str,
   `workdir`; returns the number of parameters imported."""
   zoo = ZOO[preset]
   config_lib.check_workdir(workdir)
-  if inference.checkpoint_steps(workdir):
+  if checkpoints.checkpoint_steps(workdir):
     raise config_lib.ConfigError(f'--workdir={workdir} already holds '
                                  f'checkpoints; import into a new workdir.')
   net = caffe_model.read_net(caffemodel)
-  check_provenance(caffemodel, zoo)
+  digest = file_sha256(caffemodel)
+  check_provenance(caffemodel, digest, zoo)
   source = {'caffemodel': epath.Path(caffemodel).name,
-            'net': caffe_model.net_name(caffemodel),
-            'sha256': file_sha256(caffemodel), 'url': zoo.url}
+            'net': caffe_model.net_name(caffemodel), 'sha256': digest,
+            'url': zoo.url}
   params = match_params(caffemodel, net, zoo)
   c = zoo_config(zoo, dataset or zoo.dataset, data_dir)
   num_classes = models.PRESETS[preset].num_classes

@@ -25,10 +25,7 @@ def create_manager(workdir: str, keep: int,
   options = ocp.CheckpointManagerOptions(
       max_to_keep=keep, create=True, cleanup_tmp_directories=True,
       enable_async_checkpointing=async_save)
-  directory = epath.Path(workdir) / 'checkpoints'
-  if '://' not in workdir:
-    directory = directory.absolute()  # Orbax refuses relative paths.
-  return ocp.CheckpointManager(directory, options=options,
+  return ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
                                item_handlers=ocp.StandardCheckpointHandler())
 
 
@@ -91,19 +88,28 @@ def _key_name(key) -> str:
   return str(key)
 
 
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """{'mlpconv1/conv/kernel': shape, ...} of the arrays of `tree`."""
+  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
+          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
+
+
 def param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
   """{'mlpconv1/conv/kernel': shape, ...} of the 'params' subtree of `tree`."""
-  params = tree['params'] if isinstance(tree, dict) else tree.params
-  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+  return _shapes(tree['params'] if isinstance(tree, dict) else tree.params)
+
+
+def _differing(saved: dict, current: dict) -> list[str]:
+  """The names whose shapes differ (present on one side only first)."""
+  return sorted(set(saved) ^ set(current)) or sorted(
+      k for k in saved if saved[k] != current[k])
 
 
 def _check_shapes(step: int, saved: dict, current: dict,
                   directory) -> None:
   if saved == current:
     return
-  differ = sorted(set(saved) ^ set(current)) or sorted(
-      k for k in saved if saved[k] != current[k])
+  differ = _differing(saved, current)
   name = differ[0]
   raise CheckpointMismatchError(
       f'The checkpoint at step {step} in {directory} holds a different model '
@@ -243,11 +249,6 @@ def init_from_shapes(spec: str) -> dict[str, dict[str, tuple[int, ...]]]:
           for part in ('params', 'batch_stats')}
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-  return {'/'.join(_key_name(k) for k in path): tuple(leaf.shape)
-          for path, leaf in jax.tree_util.tree_leaves_with_path(tree)}
-
-
 def check_init_from(spec: str, params: Any, batch_stats: Any) -> None:
   """Raises CheckpointMismatchError naming the first parameter (or BatchNorm
   statistic) whose shape differs between config.train.init_from's checkpoint
@@ -257,8 +258,7 @@ def check_init_from(spec: str, params: Any, batch_stats: Any) -> None:
     here = _shapes(tree)
     if saved[part] == here:
       continue
-    differ = sorted(set(saved[part]) ^ set(here)) or sorted(
-        k for k in here if saved[part][k] != here[k])
+    differ = _differing(saved[part], here)
     name = differ[0]
     raise CheckpointMismatchError(
         f'config.train.init_from={spec}: {part} {name} is '

@@ -71,16 +71,12 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
   return c
 
 
-checkpoint_dir = checkpoints.checkpoint_dir
-checkpoint_steps = checkpoints.checkpoint_steps
-
-
 def read_variables(workdir: str, step: Optional[int] = None
                    ) -> tuple[int, dict[str, Any]]:
   """(step, {'params', 'batch_stats'}) of the newest complete checkpoint, or
   of `step`, as NumPy arrays (plain orbax: any device count wrote it)."""
-  directory = checkpoint_dir(workdir)
-  steps = checkpoint_steps(workdir)
+  directory = checkpoints.checkpoint_dir(workdir)
+  steps = checkpoints.checkpoint_steps(workdir)
   if not steps:
     raise WorkdirError(f'--workdir={workdir} holds no complete checkpoint '
                        f'in {directory}.')

@@ -343,9 +343,11 @@ def test_the_zoo_file_is_recognised_by_its_sha256(tmp_path):
   if not path.exists():
     pytest.skip(f'{path} not found; set NIN_JAX_DATA_DIR')
   zoo = caffe_zoo.ZOO['cifar10']
-  assert caffe_zoo.check_provenance(str(path), zoo) is None
+  assert caffe_zoo.check_provenance(
+      str(path), caffe_zoo.file_sha256(str(path)), zoo) is None
   data = bytearray(path.read_bytes())
   data[-1] ^= 1
   changed = tmp_path / 'changed.caffemodel'
   changed.write_bytes(bytes(data))
-  assert zoo.sha256 in caffe_zoo.check_provenance(str(changed), zoo)
+  assert zoo.sha256 in caffe_zoo.check_provenance(
+      str(changed), caffe_zoo.file_sha256(str(changed)), zoo)

@@ -40,7 +40,6 @@ from helpers import (ARGS, FAULT_RUNNER, STEPS, assert_identical,  # pylint: dis
                      command, error_lines, finish, launch,
                      restore_in_this_process, resumed_from)
 from nin_jax import checkpoints  # pylint: disable=g-import-not-at-top,wrong-import-position
-from nin_jax import inference  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BUCKET = 'nin-test'
 # STORAGE_EMULATOR_HOST is set by the emulator wrapper; gcsfs's probe of the
@@ -123,7 +122,7 @@ def uncached():
 def newest_checkpoint(workdir):
   """The newest complete checkpoint's step (orbax's own listing), or None."""
   uncached()
-  return max(inference.checkpoint_steps(workdir), default=None)
+  return max(checkpoints.checkpoint_steps(workdir), default=None)
 
 
 def assert_logged_once(metrics, events, eval_steps):
