@@ -11,8 +11,11 @@ experiments/torch_nin.py runs too, in rounds that alternate with nin-jax's,
 and the ratios are printed. By default every round of every framework runs in
 a process of its own (`--processes own`: no framework's threads or memory
 share a process with the other's; each process compiles and warms up, then
-times); `--processes shared` runs them all in this one process. `--json`
-prints one JSON object.
+times: `measure_round`, run by `python -m experiments.worker`);
+`--processes shared` runs them all in this one process. `--json` prints one
+JSON object, with the commit, date and machine (experiments/provenance.py).
+Any config field is set with `--config.GROUP.FIELD=VALUE`, as for
+`python -m nin_jax.main`.
 
 On the CPU backend the script applies the same automatic settings as
 `nin_jax.main` (virtual CPU devices, see nin_jax/runtime.py) unless
@@ -24,9 +27,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import pathlib
 import statistics
-import subprocess
 import sys
 import time
 from typing import Any, Callable, Optional
@@ -34,9 +35,9 @@ from typing import Any, Callable, Optional
 import jax
 import numpy as np
 
+from experiments import common
+from experiments import provenance
 from nin_jax import runtime
-
-REPO = pathlib.Path(__file__).resolve().parents[1]
 
 PRESETS = ('cifar10', 'cifar100', 'svhn', 'mnist', 'imagenet', 'quickstart')
 
@@ -69,16 +70,26 @@ def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
   return PEAK_TFLOPS[max(keys, key=len)][dtype] * 1e12
 
 
+# (flag, default, help) of the whole-number flags.
+COUNTS = (
+    ('--batch-size', 0, "global train batch (default: the config's)"),
+    ('--eval-batch-size', 0, 'eval batch (default: --batch-size)'),
+    ('--steps', 10, 'timed steps per round and variant'),
+    ('--rounds', 3, 'alternating rounds (nin-jax, then each torch)'),
+    ('--warmup', 2, None),
+    ('--devices', 0, 'virtual CPU devices (default: automatic)'))
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+  """The flags; `overrides`: the --config.GROUP.FIELD=VALUE (field, value)."""
+  parser = common.ArgumentParser('benchmark',
+                                 description=__doc__.split('\n')[0])
   parser.add_argument('--preset', default='cifar10', choices=PRESETS)
   parser.add_argument('--variant', default='',
                       help="the config file's variant, e.g. 'faithful' for "
                       "configs/cifar10.py:faithful (no BatchNorm)")
-  parser.add_argument('--batch-size', type=int, default=0,
-                      help='global train batch (default: the config\'s)')
-  parser.add_argument('--eval-batch-size', type=int, default=0,
-                      help='eval batch (default: --batch-size)')
+  for flag, default, text in COUNTS:
+    parser.add_argument(flag, type=int, default=default, help=text)
   parser.add_argument('--dtype', default='', choices=('', 'float32',
                                                       'bfloat16'),
                       help='compute dtype (default: the config\'s)')
@@ -86,13 +97,6 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       choices=('', 'auto', 'xla', 'onednn'),
                       help="nin-jax's convolutions (default: the config's, "
                       "'auto': oneDNN on CPU)")
-  parser.add_argument('--steps', type=int, default=10,
-                      help='timed steps per round and variant')
-  parser.add_argument('--rounds', type=int, default=3,
-                      help='alternating rounds (nin-jax, then each torch)')
-  parser.add_argument('--warmup', type=int, default=2)
-  parser.add_argument('--devices', type=int, default=0,
-                      help='virtual CPU devices (default: automatic)')
   parser.add_argument('--torch', default='all',
                       help="'all', 'none' or a list of eager,compile,bf16")
   parser.add_argument('--processes', default='own',
@@ -101,8 +105,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       "own; 'shared': all in this process")
   parser.add_argument('--json', action='store_true',
                       help='print one JSON object instead of a table')
-  parser.add_argument('--only', default='', help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  args, args.overrides = common.parse_args(parser, argv)
   for name in ('steps', 'rounds'):
     if getattr(args, name) < 1:
       parser.error(f'--{name} must be at least 1')
@@ -119,12 +122,10 @@ def configure_devices(args: argparse.Namespace, batch_sizes: tuple[int, ...]
 
 
 def load_config(args: argparse.Namespace):
-  """The preset's config file with the benchmark's batch sizes and dtype."""
-  from nin_jax import config_lib  # pylint: disable=g-import-not-at-top
-  configs = REPO / 'configs'
-  variant = (args.variant,) if args.variant else ()
-  c = config_lib.sibling_config(str(configs / 'x.py'), f'{args.preset}.py',
-                                *variant)
+  """The preset's config file with the --config overrides, then the
+  benchmark's batch sizes and dtype."""
+  variant = f':{args.variant}' if args.variant else ''
+  c = common.load_config(f'configs/{args.preset}.py{variant}', args.overrides)
   c.train.batch_size = args.batch_size or c.train.batch_size
   c.train.eval_batch_size = args.eval_batch_size or c.train.batch_size
   c.model.dtype = args.dtype or c.model.dtype
@@ -155,12 +156,11 @@ class JaxRunner:
   """nin-jax's compiled train and eval steps on a fixed random batch."""
 
   def __init__(self, c, compiler_options: Optional[dict[str, Any]] = None):
-    from nin_jax import models  # pylint: disable=g-import-not-at-top
     from nin_jax import train  # pylint: disable=g-import-not-at-top
-    spec = models.PRESETS[c.model.preset]
-    shape = (spec.image_size, spec.image_size, spec.channels)
+    shape = common.image_shape(c)
     trainer = train.create_trainer(c, shape, c.train.batch_size * 100)
     self.model = trainer.model
+    num_classes = self.model.num_classes
     rng = np.random.default_rng(0)
 
     def put(x):
@@ -169,12 +169,12 @@ class JaxRunner:
     self.train_batch = {
         'image': put(rng.normal(size=(c.train.batch_size, *shape)
                                 ).astype(np.float32)),
-        'label': put(rng.integers(0, spec.num_classes, c.train.batch_size
+        'label': put(rng.integers(0, num_classes, c.train.batch_size
                                   ).astype(np.int32))}
     self.eval_batch = {
         'image': put(rng.normal(size=(c.train.eval_batch_size, *shape)
                                 ).astype(np.float32)),
-        'label': put(rng.integers(0, spec.num_classes,
+        'label': put(rng.integers(0, num_classes,
                                   c.train.eval_batch_size).astype(np.int32)),
         'mask': put(np.ones(c.train.eval_batch_size, bool))}
     self.state = trainer.state
@@ -185,7 +185,7 @@ class JaxRunner:
     self.eval_fn = trainer.eval_fn.lower(self.state, self.eval_batch
                                          ).compile(compiler_options)
     self.flops_per_image = forward_flops_per_image(
-        self.model, spec.image_size, spec.channels)
+        self.model, shape[0], shape[2])
 
   def xla_forward_flops_per_image(self, eval_batch_size: int
                                   ) -> Optional[float]:
@@ -324,23 +324,26 @@ def measure(args: argparse.Namespace, names: list[str]
   return samples
 
 
-def measure_in_own_process(argv: list[str], name: str) -> dict[str, Any]:
-  """`measure(name)` for one round, in a new process of this script (run in
-  the repository root, where `experiments` imports)."""
-  argv = [a for a in argv if a != '--json']
-  proc = subprocess.run(
-      [sys.executable, '-m', 'experiments.benchmark', *argv, '--rounds', '1',
-       '--only', name, '--json'], cwd=REPO, capture_output=True, text=True,
-      check=False)
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode != 0 or not lines:
-    return {name: {'error': f'its process exited with {proc.returncode}: '
-                            f'{proc.stderr.strip()[-300:]}'}}
-  return json.loads(lines[-1])
+def measure_round(options: dict[str, Any], name: str) -> dict[str, Any]:
+  """`measure` of the framework `name` for one round, with the flags
+  `options` (vars of parse_args' namespace): what a process of its own runs."""
+  return measure(argparse.Namespace(**{**options, 'rounds': 1}), [name])
 
 
-def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
-  """Times every framework, alternating rounds; returns the results."""
+def measure_in_own_process(args: argparse.Namespace, name: str
+                           ) -> dict[str, Any]:
+  """`measure_round(name)` in a new process, started in the repository root
+  (`python -m experiments.worker`); {name: {'error'}} if it fails."""
+  try:
+    return common.call_in_process(measure_round, options=vars(args),
+                                  name=name)
+  except common.WorkerError as e:
+    return {name: {'error': e.describe(300)}}
+
+
+def run(args: argparse.Namespace, c) -> dict[str, Any]:
+  """Times every framework on config `c`, alternating rounds; returns the
+  results."""
   variants, torch_missing = torch_variants(args.torch)
   names = ['jax', *variants]
   samples: dict[str, dict[str, Any]] = {}
@@ -350,7 +353,7 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
         if 'error' in samples.get(name, {}):
           continue
         time.sleep(0.2)
-        out = measure_in_own_process(argv, name)[name]
+        out = measure_in_own_process(args, name)[name]
         if 'error' in out or name not in samples:
           samples[name] = out
         else:
@@ -360,7 +363,6 @@ def run(args: argparse.Namespace, argv: list[str]) -> dict[str, Any]:
       raise SystemExit(f'nin-jax: {samples["jax"]["error"]}')
   else:
     samples = measure(args, names)
-  c = load_config(args)
   return summarize(args, c, samples, torch_missing)
 
 
@@ -397,6 +399,7 @@ def summarize(args: argparse.Namespace, c, samples: dict[str, dict[str, Any]],
       'steps': args.steps, 'rounds': args.rounds,
       'timed_steps': len(jax_['train_times']),
       'torch': {}, 'torch_error': torch_missing, 'ratios': {},
+      **provenance.header(),
   }
   for variant, info in samples.items():
     if variant == 'jax':
@@ -481,10 +484,11 @@ def print_table(result: dict[str, Any]) -> None:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
-  if args.only:
-    print(json.dumps(measure(args, [args.only])))
-    return
-  result = run(args, argv)
+  try:
+    c = load_config(args)  # A mistake is one line before anything runs.
+  except common.UserError as e:
+    common.fail('benchmark', str(e))
+  result = run(args, c)
   if args.json:
     print(json.dumps(result))
   else:

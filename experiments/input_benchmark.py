@@ -40,6 +40,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from experiments import provenance
 from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import readers
@@ -190,19 +191,18 @@ def main() -> None:
   logging.set_verbosity(logging.WARNING)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   tfds.disable_progress_bar()
-  if args.source == 'imagenet':
-    result = imagenet_main(args)
-    if args.json:
-      print(json.dumps(result))
-      return
-    print(f'streamed imagenet2012: {result["num_images"]} synthetic 375x500 '
-          f'JPEGs, {result["crop"]}x{result["crop"]} crops, batch '
-          f'{args.batch_size}, {result["data_workers"]} decoding threads, '
-          f'one process')
-    for name, row in result['rows'].items():
-      print(f'{name:<15}{row["images_per_sec"]:>12.0f} images/s')
-    return
+  imagenet = args.source == 'imagenet'
+  result = imagenet_main(args) if imagenet else cifar_main(args)
+  if args.json:
+    print(json.dumps({**result, **provenance.header()}))
+  elif imagenet:
+    print_imagenet(result)
+  else:
+    print_cifar(result)
 
+
+def cifar_main(args: argparse.Namespace) -> dict:
+  """Rates of the in-memory CIFAR-10 input side and of the train step."""
   images, labels = load_images(args.source, args.npz, args.num_images)
   scaled, _ = preprocessing.preprocess(images, images[:1], 'scale', 255.0)
   split = input_pipeline.Split(scaled, labels)
@@ -221,26 +221,34 @@ def main() -> None:
       'train_step': {'batches_per_sec': 1 / step_s,
                      'images_per_sec': args.batch_size / step_s},
   }
-  result = {
+  return {
       'source': args.source, 'num_images': len(labels),
       'batch_size': args.batch_size, 'devices': jax.device_count(),
       'backend': jax.default_backend(), 'rows': rows,
       'input_over_step': step_s / batch_s,
   }
-  if args.json:
-    print(json.dumps(result))
-    return
-  print(f'{args.source} CIFAR-10-shaped data, {len(labels)} images, batch '
-        f'{args.batch_size}, {jax.device_count()} {jax.default_backend()} '
-        f'device(s)')
+
+
+def print_imagenet(result: dict) -> None:
+  print(f'streamed imagenet2012: {result["num_images"]} synthetic 375x500 '
+        f'JPEGs, {result["crop"]}x{result["crop"]} crops, batch '
+        f'{result["batch_size"]}, {result["data_workers"]} decoding threads, '
+        f'one process')
+  for name, row in result['rows'].items():
+    print(f'{name:<15}{row["images_per_sec"]:>12.0f} images/s')
+
+
+def print_cifar(result: dict) -> None:
+  print(f'{result["source"]} CIFAR-10-shaped data, {result["num_images"]} '
+        f'images, batch {result["batch_size"]}, {result["devices"]} '
+        f'{result["backend"]} device(s)')
   print(f'{"stage":<15}{"batches/s":>12}{"images/s":>12}')
-  for name, row in rows.items():
+  for name, row in result['rows'].items():
     per_batch = row.get('batches_per_sec')
     per_batch = f'{per_batch:.1f}' if per_batch else '-'
     print(f'{name:<15}{per_batch:>12}{row["images_per_sec"]:>12.0f}')
   print(f'input side is {result["input_over_step"]:.0f}x faster than the '
         f'train step (need >= 10x)')
-
 
 if __name__ == '__main__':
   main()

@@ -37,15 +37,15 @@ reported in one line and left "not run" (an SVHN npz has no 'extra' split: that
 row trains on train alone, and the table says so). Any other `--config.GROUP.FIELD=VALUE`
 is passed to every row (e.g. `--config.data.data_dir=DIR`).
 
-Writes WORKDIR/TABLE.json (test errors in percent), WORKDIR/TABLE.md (the
-table) and WORKDIR/TABLE.png (test error against epoch, one line per row
-that ran; needs matplotlib).
+Writes WORKDIR/TABLE.json (test errors in percent; the commit, date and
+machine of experiments/provenance.py), WORKDIR/TABLE.md (the table) and
+WORKDIR/TABLE.png (test error against epoch, one line per row that ran; needs
+matplotlib).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import dataclasses
 import json
@@ -56,21 +56,20 @@ import shlex
 import subprocess
 import sys
 import time
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import ml_collections
 
 from absl import logging
 
-from nin_jax import cli
-from nin_jax import config_lib
+from experiments import common
+from experiments import provenance
 from nin_jax import datasets
 from nin_jax import errors
-from nin_jax import metric_writers
 from nin_jax import tfds_source
 from nin_jax import train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 
 # The author's model: the ablations compare on it unless --base says otherwise,
 # at half the author's learning rate: at 0.1 it stalls at ln(10) here, at 0.05
@@ -168,31 +167,7 @@ class Row:
     """argv of the row's training, run from the repository root."""
     return [python, '-m', 'nin_jax.main', f'--config={self.config}',
             f'--workdir={self.workdir}'] + [
-                f'--config.{k}={flag_value(v)}'
-                for k, v in self.overrides.items()]
-
-
-class UserError(Exception):
-  """A mistake in the command line: one line, exit status 2."""
-
-
-def fail(message: str) -> NoReturn:
-  """`paper_tables: error: MESSAGE` on one line of stderr, exit status 2."""
-  print(f'paper_tables: error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(cli.USER_ERROR_STATUS)
-
-
-def flag_value(value: Any) -> str:
-  """`value` as --config.FIELD=VALUE spells it (ml_collections parses it)."""
-  return repr(value) if isinstance(value, float) else str(value)
-
-
-def parse_value(text: str) -> Any:
-  """A --config override's value as Python (a bare word stays a string)."""
-  try:
-    return ast.literal_eval(text)
-  except (ValueError, SyntaxError):
-    return text
+                common.override(k, v) for k, v in self.overrides.items()]
 
 
 def config_path(spec: str) -> str:
@@ -203,13 +178,6 @@ def config_path(spec: str) -> str:
   if pathlib.Path(path).is_relative_to(REPO):
     path = os.path.relpath(path, REPO)
   return path + (f':{variant}' if sep else '')
-
-
-def load_config(spec: str) -> ml_collections.ConfigDict:
-  """The config of a `--config` value relative to the repository root."""
-  path, sep, variant = spec.partition(':')
-  return cli.load_config_spec(
-      str(REPO / path) + (f':{variant}' if sep else ''))
 
 
 def find_npz(data_dir: Optional[str], key: str) -> Optional[str]:
@@ -293,8 +261,7 @@ def build_rows(table: Table, base: Optional[str], steps: Optional[int],
   for variant in table.variants:
     config_spec = base or variant.config
     varied = {**own, **dict(variant.fields)} if base else {}
-    config = load_config(config_spec)
-    _apply(config, {**varied, **dict(extra)})
+    config = common.load_config(config_spec, {**varied, **dict(extra)})
     fields, skip, note = data_overrides(config, data_dir, prepared)
     row = Row(variant, config_spec,
               {**varied, **budget_overrides(config, steps, epochs), **fields,
@@ -305,27 +272,9 @@ def build_rows(table: Table, base: Optional[str], steps: Optional[int],
   return rows
 
 
-def _apply(config: ml_collections.ConfigDict, fields: dict[str, Any]) -> None:
-  """Sets dotted `fields` on `config` (strings parsed as the command line
-  would be); UserError for a field it lacks or a value of the wrong type."""
-  names = config_lib.field_names(config, groups=False)
-  for field, value in fields.items():
-    if field not in names:
-      raise UserError(cli.unknown_field_message(
-          field, f'--config.{field}={value}', names))
-    parsed = parse_value(value) if isinstance(value, str) else value
-    try:
-      config.update_from_flattened_dict({field: parsed})
-    except (KeyError, AttributeError, TypeError) as e:
-      raise UserError(f'--config.{field}={value}: not a field of this config '
-                      f'or a value of the wrong type ({e}).') from e
-
-
 def row_config(row: Row) -> ml_collections.ConfigDict:
   """The config the row's command trains."""
-  config = load_config(row.config)
-  _apply(config, row.overrides)
-  return config
+  return common.load_config(row.config, row.overrides)
 
 
 def final_step(config: ml_collections.ConfigDict,
@@ -334,34 +283,33 @@ def final_step(config: ml_collections.ConfigDict,
   train records give the steps per epoch (None before)."""
   if config.train.num_train_steps > 0:
     return config.train.num_train_steps
-  logged = [r for r in records if r['split'] == 'train' and r.get('epoch')]
-  if not logged:
+  per_epoch = common.steps_per_epoch(records)
+  if per_epoch is None:
     return None
-  per_epoch = round(int(logged[-1]['step']) / float(logged[-1]['epoch']))
-  return train.num_train_steps(config, per_epoch * config.train.batch_size)
+  return train.num_train_steps(config,
+                               round(per_epoch) * config.train.batch_size)
 
 
 def read_result(row: Row) -> bool:
   """Fills in the row's error, steps and epochs from its metrics.jsonl if it
   holds an evaluation at the final step; whether it does (the row is done)."""
-  records = metric_writers.read_metrics(row.workdir)
-  last = final_step(row_config(row), records)
+  train_records, evals = common.read_metrics(row.workdir)
+  last = final_step(row_config(row), train_records)
   if last is None:
     return False
-  beyond = [int(r['step']) for r in records if int(r['step']) > last]
+  beyond = [int(r['step']) for r in train_records + evals
+            if int(r['step']) > last]
   if beyond:
     row.skip = (f'{row.workdir} holds a longer run (step {max(beyond)} > '
                 f'{last}); use another --workdir')
     return True
-  at_end = [r for r in records if r['split'] != 'train'
-            and int(r['step']) == last]
+  at_end = [r for r in evals if int(r['step']) == last]
   if not at_end:
     return False
-  logged = [r for r in records if r['split'] == 'train' and r.get('epoch')]
+  per_epoch = common.steps_per_epoch(train_records)
   row.error = 100.0 * float(at_end[0]['error'])
   row.steps = last
-  row.epochs = (last * float(logged[-1]['epoch']) / int(logged[-1]['step'])
-                if logged else None)
+  row.epochs = last / per_epoch if per_epoch else None
   return True
 
 
@@ -479,7 +427,7 @@ def config_text(table: Table, base: Optional[str]) -> Optional[str]:
   when each row runs its own."""
   if base is not None or table.base is None:
     return base
-  return ', '.join([table.base] + [f'{field}={flag_value(value)}'
+  return ', '.join([table.base] + [f'{field}={common.flag_value(value)}'
                                    for field, value in table.base_fields])
 
 
@@ -554,7 +502,8 @@ def summary(table: Table, rows: list[Row], base: Optional[str],
           'workdir': row.workdir,
           'not_run': row.skip,
           'note': row.note,
-      } for row in rows]}
+      } for row in rows],
+      **provenance.header()}
 
 
 def plot(table: Table, rows: list[Row], config: str, budget: str,
@@ -594,13 +543,6 @@ def plot(table: Table, rows: list[Row], config: str, budget: str,
   return True
 
 
-class _Parser(argparse.ArgumentParser):
-  """argparse whose every error is one line and exit status 2."""
-
-  def error(self, message: str) -> NoReturn:
-    fail(message)
-
-
 def _positive_int(text: str) -> int:
   value = int(text)
   if value <= 0:
@@ -618,7 +560,8 @@ def _positive_float(text: str) -> float:
 def parse_args(argv: Optional[list[str]]
                ) -> tuple[argparse.Namespace, list[tuple[str, str]]]:
   """The flags, and the --config.FIELD=VALUE overrides for every row."""
-  parser = _Parser(description=__doc__.split('\n')[0])
+  parser = common.ArgumentParser('paper_tables',
+                                 description=__doc__.split('\n')[0])
   parser.add_argument('--table', required=True, choices=sorted(TABLES))
   parser.add_argument('--workdir', required=True,
                       help='rows train in WORKDIR/TABLE/ROW; the table is '
@@ -634,14 +577,7 @@ def parse_args(argv: Optional[list[str]]
   parser.add_argument('--data', default=os.environ.get(DATA_ENV),
                       help='folder with the Keras-layout npz files (NAME.npz '
                       f'or NAME/NAME.npz); default ${DATA_ENV}')
-  args, rest = parser.parse_known_args(argv)
-  extra = []
-  for arg in rest:
-    field, sep, value = arg.removeprefix('--config.').partition('=')
-    if not arg.startswith('--config.') or not sep or not field:
-      parser.error(f'unrecognized argument {arg!r} (only '
-                   '--config.GROUP.FIELD=VALUE is passed to the rows)')
-    extra.append((field, value))
+  args, extra = common.parse_args(parser, argv)
   if args.data is not None and not os.path.isdir(args.data):
     parser.error(f'--data={args.data}: not a directory')
   return args, extra
@@ -655,15 +591,15 @@ def main(argv: Optional[list[str]] = None) -> None:
   if args.base is not None:
     base = config_path(args.base)
     try:
-      load_config(base)
-    except Exception as e:  # pylint: disable=broad-except
-      fail(f'--base={args.base}: the config does not load '
-           f'({type(e).__name__}: {e})')
+      common.load_config(base)
+    except common.UserError as e:
+      common.fail('paper_tables',
+                  f'--base={args.base}: the config does not load ({e})')
   try:
     rows = build_rows(table, base, args.steps, args.epochs, args.data, extra,
                       workdir)
-  except (UserError, errors.ConfigError) as e:
-    fail(str(e))
+  except (common.UserError, errors.ConfigError) as e:
+    common.fail('paper_tables', str(e))
   run_table(table, rows, workdir)
   budget = budget_text(args.steps, args.epochs)
   out = pathlib.Path(workdir)

@@ -6,7 +6,7 @@ and per second of training.
 A 2x2 figure: the training loss (left) and the evaluation error (right)
 against the epoch (top) and against time (bottom), one line per
 workdir, labelled from its config (`label`). Everything comes from
-WORKDIR/metrics.jsonl (`metric_writers.read_metrics`): the 'train' records
+WORKDIR/metrics.jsonl (`common.read_metrics`): the 'train' records
 (the means of each log window: step, epoch, loss, ...) and the evaluation
 records (split 'test', or 'validation' for a run that held one out: step,
 error, ...; they have no epoch, which is step / steps per epoch, the ratio
@@ -34,9 +34,9 @@ import matplotlib.pyplot as plt
 import ml_collections
 import numpy as np
 
+from experiments import common
 from nin_jax import cli
 from nin_jax import inference
-from nin_jax import metric_writers
 
 DPI = 100
 # (seconds per unit, name), the largest unit that keeps 2 or more of them.
@@ -77,15 +77,6 @@ class Run(NamedTuple):
   fields: Mapping[str, Any] = types.MappingProxyType({})
 
 
-def _first_per_step(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-  """The first record of each (split, step), by step: a finished run that
-  is resumed evaluates its last step again (same checkpoint, later time)."""
-  first = {}
-  for r in records:
-    first.setdefault((r['split'], int(r['step'])), r)
-  return sorted(first.values(), key=lambda r: int(r['step']))
-
-
 def read_run(workdir: str) -> Run:
   """The curves of `workdir`; WorkdirError if it is not a workdir or has no
   train records in metrics.jsonl."""
@@ -97,14 +88,12 @@ def read_run(workdir: str) -> Run:
     raise inference.WorkdirError(f'{workdir} holds no config.json: not a '
                                  f'nin-jax workdir.')
   config = inference.read_config(workdir)
-  records = _first_per_step(metric_writers.read_metrics(workdir))
-  train = [r for r in records if r['split'] == 'train']
-  evals = [r for r in records if r['split'] != 'train']
+  train, evals = common.read_metrics(workdir)
   if not train:
     raise inference.WorkdirError(
         f'{workdir}/metrics.jsonl is missing or has no train records: the '
         f'run has not logged anything yet.')
-  steps_per_epoch = int(train[-1]['step']) / float(train[-1]['epoch'])
+  steps_per_epoch = common.steps_per_epoch(train)
   column = lambda rs, key: np.array([float(r[key]) for r in rs])
   if all('train_seconds' in r for r in train):
     train_seconds = column(train, 'train_seconds')
@@ -112,7 +101,7 @@ def read_run(workdir: str) -> Run:
                              train_seconds)
     clock = 'training time'
   else:
-    start = min(float(r['time']) for r in records)
+    start = min(float(r['time']) for r in train + evals)
     train_seconds = column(train, 'time') - start
     eval_seconds = column(evals, 'time') - start
     clock = 'wall time since the first logged record'

@@ -29,49 +29,40 @@ each framework's time to `--target` accuracy.
 `--data` (default: $NIN_JAX_DATA_DIR/cifar10/cifar10.npz, else
 ../shared/data/cifar10/cifar10.npz beside the repository, when the config
 trains CIFAR-10 and that file exists): an .npz path or any
-config.data.dataset value; '' keeps the config's own dataset. `--set
-GROUP.FIELD=VALUE` changes the config for both frameworks.
+config.data.dataset value; '' keeps the config's own dataset.
+`--config.GROUP.FIELD=VALUE` changes the config for both frameworks.
+
+The calibrations and the PyTorch training run as functions of this module in
+processes of their own (`python -m experiments.worker`, common.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import ast
-import datetime
+import importlib
 import json
 import os
 import pathlib
 import subprocess
 import sys
 import time
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import ml_collections
 import numpy as np
 
+from experiments import common
+from experiments import provenance
 from experiments import race_plan
-from experiments.paper_tables import flag_value  # --config.FIELD=VALUE.
-from experiments.provenance import commit, machine
-from nin_jax import cli
 from nin_jax import config_lib
-from nin_jax import metric_writers
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 
 FRAMEWORKS = ('jax', 'torch')
 NAMES = {'jax': 'nin-jax', 'torch': 'PyTorch (eager)'}
 DEFAULT_CONFIG = 'configs/cifar10_fast.py'
 # The issue's PyTorch peer reached 85.7% after 10 epochs.
 DEFAULT_TARGET = 0.857
-
-
-class UserError(Exception):
-  """A mistake in the command line: one line, exit status 2."""
-
-
-def fail(message: str) -> NoReturn:
-  print(f'race: error: {" ".join(message.split())}', file=sys.stderr)
-  sys.exit(cli.USER_ERROR_STATUS)
 
 
 def default_data(c: ml_collections.ConfigDict) -> str:
@@ -91,111 +82,85 @@ def dataset_value(data: str) -> str:
   return data
 
 
-def overrides(args: argparse.Namespace) -> dict[str, Any]:
-  """Field -> value of --data and every --set, in order."""
-  fields = {}
-  if args.data:
-    fields['data.dataset'] = dataset_value(args.data)
-  for item in args.set:
-    field, sep, text = item.partition('=')
-    if not sep:
-      raise UserError(f'--set {item}: write --set GROUP.FIELD=VALUE')
-    try:
-      fields[field] = ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-      fields[field] = text  # A bare word such as one_cycle.
-  return fields
+def overrides(args: argparse.Namespace) -> list[tuple[str, str]]:
+  """(field, value) of --data and every --config.GROUP.FIELD=VALUE, in order."""
+  data = [('data.dataset', dataset_value(args.data))] if args.data else []
+  return data + args.overrides
 
 
 def build_config(args: argparse.Namespace) -> ml_collections.ConfigDict:
-  """--config with --data and --set applied; UserError for a field the
-  config lacks (named with its nearest names)."""
-  c = cli.load_config_spec(str(REPO / args.config)
-                           if not os.path.isabs(args.config) else args.config)
-  names = config_lib.field_names(c, groups=False)
-  for field, value in overrides(args).items():
-    if field not in names:
-      raise UserError(cli.unknown_field_message(field, f'--set {field}=...',
-                                                names))
-    c.update_from_flattened_dict({field: value})
-  return c
+  """--config with --data and the overrides applied; UserError for a field
+  the config lacks (named with its nearest names) or a wrong value."""
+  return common.load_config(args.config, overrides(args))
 
 
 def jax_command(args: argparse.Namespace, workdir: pathlib.Path,
                 steps: int) -> list[str]:
   """The nin_jax.main command line of the nin-jax side."""
-  command = [sys.executable, '-m', 'nin_jax.main', f'--config={args.config}',
-             f'--workdir={workdir}']
-  for field, value in overrides(args).items():
-    command.append(f'--config.{field}={flag_value(value)}')
-  return command + [f'--config.train.num_train_steps={steps}']
+  return [sys.executable, '-m', 'nin_jax.main', f'--config={args.config}',
+          f'--workdir={workdir}',
+          *(common.override(f, v) for f, v in overrides(args)),
+          common.override('train.num_train_steps', steps)]
 
 
-def worker_command(args: argparse.Namespace, worker: str,
-                   *extra: str) -> list[str]:
-  """This script, as a process of its own doing one job (`worker`); run in
-  the repository root, where `experiments` imports."""
-  command = [sys.executable, '-m', 'experiments.race', f'--worker={worker}',
-             f'--config={args.config}', f'--data={args.data}',
-             f'--calibration-steps={args.calibration_steps}',
-             f'--out={args.out}']
-  for item in args.set:
-    command += ['--set', item]
-  return command + list(extra)
+def calibrate_jax(config: str, fields: list[tuple[str, str]],
+                  steps: int) -> dict[str, Any]:
+  """{'seconds_per_step'}: the median of `steps` of the trainer's own train
+  step (as experiments/benchmark.py) on random data, after 3 untimed."""
+  from experiments import benchmark
+  from nin_jax import runtime
+  c = common.load_config(config, fields)
+  runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
+                        c.runtime.cpu_devices)
+  runner = benchmark.JaxRunner(c)
+  benchmark.time_steps(runner.train_step, 3)
+  return {'seconds_per_step': float(np.median(
+      benchmark.time_steps(runner.train_step, steps)))}
 
 
-def run_worker(args: argparse.Namespace) -> None:
-  """--worker=calibrate-jax|calibrate-torch|torch: one job, in this process."""
-  c = build_config(args)
-  if args.worker == 'calibrate-jax':
-    from experiments import benchmark  # The trainer's own step.
-    from nin_jax import runtime
-    runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
-                          c.runtime.cpu_devices)
-    runner = benchmark.JaxRunner(c)
-    benchmark.time_steps(runner.train_step, 3)
-    seconds = float(np.median(benchmark.time_steps(runner.train_step,
-                                                   args.calibration_steps)))
-    print(json.dumps({'seconds_per_step': seconds}))
-  elif args.worker == 'calibrate-torch':
-    import torch
-    from experiments import torch_train
-    from nin_jax import models
-    spec = models.PRESETS[c.model.preset]
-    seconds = torch_train.seconds_per_step(
-        c, (spec.image_size, spec.image_size, spec.channels),
-        args.calibration_steps)
-    print(json.dumps({'seconds_per_step': seconds,
-                      'threads': torch.get_num_threads(),
-                      'torch': torch.__version__}))
-  elif args.worker == 'torch':
-    from experiments import torch_train
-    out = pathlib.Path(args.out) / 'torch'
-    out.mkdir(parents=True, exist_ok=True)
-    log = out / 'curve.jsonl'
-    log.write_text('')
+def calibrate_torch(config: str, fields: list[tuple[str, str]],
+                    steps: int) -> dict[str, Any]:
+  """{'seconds_per_step', 'threads', 'torch'}: the PyTorch peer's step."""
+  import torch
+  from experiments import torch_train
+  c = common.load_config(config, fields)
+  return {'seconds_per_step': torch_train.seconds_per_step(c, steps),
+          'threads': torch.get_num_threads(), 'torch': torch.__version__}
 
-    def on_eval(record: dict) -> None:
-      with log.open('a') as f:
-        f.write(json.dumps(record) + '\n')
-      print(f'torch: epoch {record["epoch"]:.2f} step {record["step"]} '
-            f'{record["train_seconds"]:.0f} s test accuracy '
-            f'{record["test_accuracy"]:.4f}', file=sys.stderr, flush=True)
 
-    torch_train.train_and_evaluate(c, args.steps, on_eval)
-  else:
-    raise UserError(f'--worker={args.worker}: not a worker')
+def train_torch(config: str, fields: list[tuple[str, str]], steps: int,
+                out: str) -> None:
+  """Trains the PyTorch peer `steps` steps, each evaluation appended to
+  OUT/torch/curve.jsonl and reported on stderr."""
+  from experiments import torch_train
+  c = common.load_config(config, fields)
+  folder = pathlib.Path(out) / 'torch'
+  folder.mkdir(parents=True, exist_ok=True)
+  log = folder / 'curve.jsonl'
+  log.write_text('')
+
+  def on_eval(record: dict) -> None:
+    with log.open('a') as f:
+      f.write(json.dumps(record) + '\n')
+    print(f'torch: epoch {record["epoch"]:.2f} step {record["step"]} '
+          f'{record["train_seconds"]:.0f} s test accuracy '
+          f'{record["test_accuracy"]:.4f}', file=sys.stderr, flush=True)
+
+  torch_train.train_and_evaluate(c, steps, on_eval)
+
+
+CALIBRATIONS = {'jax': calibrate_jax, 'torch': calibrate_torch}
 
 
 def calibrate(args: argparse.Namespace, framework: str) -> dict[str, Any]:
   """Seconds per train step of `framework`, measured in a process of its own."""
-  proc = subprocess.run(worker_command(args, f'calibrate-{framework}'),
-                        cwd=REPO, capture_output=True, text=True, check=False)
-  lines = proc.stdout.strip().splitlines()
-  if proc.returncode != 0 or not lines:
-    raise RuntimeError(f'{framework} calibration exited with '
-                       f'{proc.returncode}: {proc.stderr.strip()[-800:]}')
-  return json.loads(lines[-1])
+  try:
+    return common.call_in_process(
+        CALIBRATIONS[framework], config=args.config, fields=overrides(args),
+        steps=args.calibration_steps)
+  except common.WorkerError as e:
+    raise RuntimeError(f'{framework} calibration exited with {e.status}: '
+                       f'{e.stderr[-800:]}') from e
 
 
 def plan(minutes: float, seconds_per_step: float) -> int:
@@ -206,17 +171,10 @@ def plan(minutes: float, seconds_per_step: float) -> int:
 def jax_curve(workdir: pathlib.Path) -> list[dict[str, Any]]:
   """The race records of a nin-jax workdir: each evaluation, with the
   training seconds and mean train loss logged up to its step."""
-  records = metric_writers.read_metrics(str(workdir))
-  first = {}
-  for r in records:
-    first.setdefault((r['split'], int(r['step'])), r)
-  train = sorted((r for (s, _), r in first.items() if s == 'train'),
-                 key=lambda r: r['step'])
-  evals = sorted((r for (s, _), r in first.items() if s != 'train'),
-                 key=lambda r: r['step'])
+  train, evals = common.read_metrics(str(workdir))
   if not train:
     return []
-  steps_per_epoch = train[-1]['step'] / train[-1]['epoch']
+  steps_per_epoch = common.steps_per_epoch(train)
   t_steps = np.array([r['step'] for r in train], float)
   seconds = np.array([r.get('train_seconds', np.nan) for r in train])
   curve, last_step = [], 0
@@ -245,7 +203,7 @@ def race(args: argparse.Namespace, framework: str,
     calibration = calibrate(args, framework)
     steps = plan(args.minutes, calibration['seconds_per_step'])
     planned = {'minutes': args.minutes, 'steps': steps,
-               'calibration': calibration}
+               'calibration': calibration, **provenance.header()}
     plan_path.write_text(json.dumps(planned, indent=2) + '\n')
     print(f'race: {framework}: {calibration["seconds_per_step"]:.3f} s per '
           f'step, so {steps} steps for {args.minutes} minutes',
@@ -254,7 +212,9 @@ def race(args: argparse.Namespace, framework: str,
   if framework == 'jax':
     command = jax_command(args, out / 'jax', steps)
   else:
-    command = worker_command(args, 'torch', f'--steps={steps}')
+    command = common.worker_command(train_torch, config=args.config,
+                                    fields=overrides(args), steps=steps,
+                                    out=args.out)
   start = time.time()
   status = subprocess.run(command, cwd=REPO, check=False).returncode
   wall = time.time() - start
@@ -270,9 +230,7 @@ def race(args: argparse.Namespace, framework: str,
             'config': json.loads(c.to_json()), 'config_file': args.config,
             'plan': planned, 'command': command, 'wall_seconds': wall,
             'curve': curve, 'race_command': [sys.executable, *sys.argv],
-            'commit': commit(),
-            'date': datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec='seconds'), 'machine': machine()}
+            **provenance.header()}
   (out / f'race_{framework}.json').write_text(
       json.dumps(result, indent=2) + '\n')
   return result
@@ -337,14 +295,9 @@ def plot(results: list[dict[str, Any]], target: float, path: str) -> None:
   plt.close(fig)
 
 
-class _Parser(argparse.ArgumentParser):
-
-  def error(self, message: str) -> NoReturn:
-    fail(message)
-
-
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
-  parser = _Parser(description=__doc__.split('\n')[0])
+  """The flags; `overrides`: the --config.GROUP.FIELD=VALUE (field, value)."""
+  parser = common.ArgumentParser('race', description=__doc__.split('\n')[0])
   parser.add_argument('--framework', default='both',
                       choices=('jax', 'torch', 'both'))
   parser.add_argument('--minutes', type=float, default=55.0,
@@ -356,14 +309,10 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
   parser.add_argument('--data', default=None,
                       help='an .npz path or a config.data.dataset value '
                       "('' = the config's dataset)")
-  parser.add_argument('--set', action='append', default=[],
-                      metavar='GROUP.FIELD=VALUE')
   parser.add_argument('--target', type=float, default=DEFAULT_TARGET,
                       help='test accuracy whose training time is reported')
   parser.add_argument('--calibration-steps', type=int, default=10)
-  parser.add_argument('--worker', default='', help=argparse.SUPPRESS)
-  parser.add_argument('--steps', type=int, default=0, help=argparse.SUPPRESS)
-  args = parser.parse_args(argv)
+  args, args.overrides = common.parse_args(parser, argv)
   if not args.minutes > 0:
     parser.error(f'--minutes must be positive, got {args.minutes}')
   if not 0 < args.target <= 1:
@@ -376,9 +325,6 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
   args = parse_args(argv)
   try:
-    if args.worker:
-      run_worker(args)
-      return
     c = build_config(args)
     if args.data is None:
       args.data = default_data(c)
@@ -389,12 +335,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     if 'torch' in frameworks:
       race_plan.check_supported(c)
       try:
-        from experiments import torch_train  # pylint: disable=unused-import
+        importlib.import_module('experiments.torch_train')
       except ImportError as e:
-        raise UserError(f'--framework={args.framework} needs PyTorch '
-                        f"(pip install -e '.[bench]'): {e}") from e
-  except (UserError, config_lib.ConfigError, ValueError) as e:
-    fail(str(e))
+        raise common.UserError(f'--framework={args.framework} needs PyTorch '
+                               f"(pip install -e '.[bench]'): {e}") from e
+  except (common.UserError, config_lib.ConfigError, ValueError) as e:
+    common.fail('race', str(e))
   out = pathlib.Path(args.out)
   out.mkdir(parents=True, exist_ok=True)
   for framework in frameworks:

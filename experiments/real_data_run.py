@@ -4,7 +4,6 @@ genuine .npz data in ../shared/data, trained by `train.train_and_evaluate`."""
 from __future__ import annotations
 
 import argparse
-import ast
 import os
 import pathlib
 import sys
@@ -12,12 +11,13 @@ import time
 
 from absl import logging
 
+from experiments import common
 from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import runtime
 from nin_jax import train
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
+REPO = common.REPO
 
 
 def data_root() -> pathlib.Path:
@@ -27,9 +27,11 @@ def data_root() -> pathlib.Path:
 
 
 def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
-  """Parses --workdir/--npz/--epochs/--steps/--set, trains, prints one line."""
-  parser = argparse.ArgumentParser(
-      description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+  """Parses --workdir/--npz/--epochs/--steps and --config.GROUP.FIELD=VALUE
+  overrides, trains, prints one line."""
+  parser = common.ArgumentParser(
+      name, description=doc,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument('--workdir', default=f'runs/{name}_real',
                       help='checkpoints and metrics; resumed if it has any')
   parser.add_argument('--npz', default=str(data_root() / npz_relpath),
@@ -39,27 +41,21 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
                       help=f'override the num_epochs of {config_file}')
   parser.add_argument('--steps', type=int, default=None,
                       help='override with a step count (wins over --epochs)')
-  parser.add_argument('--set', action='append', default=[],
-                      metavar='FIELD=VALUE',
-                      help='override a config field, e.g. model.batch_norm=True')
-  args = parser.parse_args()
+  parser.epilog = ('Any config field: --config.GROUP.FIELD=VALUE, e.g. '
+                   '--config.model.batch_norm=True.')
+  args, overrides = common.parse_args(parser, None)
 
   logging.set_verbosity(logging.INFO)
   logging.get_absl_logger().addFilter(runtime.QuietLibraries())
-  c = config_lib.sibling_config(str(REPO / 'configs' / config_file),
-                                config_file)
-  c.data.dataset = f'npz:{args.npz}'
+  fields = [('data.dataset', f'npz:{args.npz}')]
   if args.epochs is not None:
-    c.train.num_epochs = args.epochs
+    fields.append(('train.num_epochs', args.epochs))
   if args.steps is not None:
-    c.train.num_train_steps = args.steps
-  for override in args.set:
-    field, _, value = override.partition('=')
-    try:
-      value = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      pass  # A bare string such as modern.
-    c.update_from_flattened_dict({field: value})
+    fields.append(('train.num_train_steps', args.steps))
+  try:
+    c = common.load_config(f'configs/{config_file}', fields + overrides)
+  except common.UserError as e:
+    common.fail(name, str(e))
   runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
                         c.runtime.cpu_devices)
   workdir = os.path.abspath(args.workdir)  # Orbax needs absolute paths.

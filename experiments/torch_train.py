@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from experiments import common
 from experiments import race_plan
 from experiments import torch_nin
 from nin_jax import input_pipeline
@@ -140,14 +141,14 @@ def create_trainer(c: ml_collections.ConfigDict, num_train_examples: int,
                  steps_per_epoch)
 
 
-def seconds_per_step(c: ml_collections.ConfigDict, image_shape: tuple,
-                     steps: int, warmup: int = 3) -> float:
+def seconds_per_step(c: ml_collections.ConfigDict, steps: int,
+                     warmup: int = 3) -> float:
   """Median seconds of a train step on random data (the race's planning)."""
   trainer = create_trainer(c, c.train.batch_size * 100, warmup + steps)
   rng = np.random.default_rng(0)
   num_classes = models.PRESETS[c.model.preset].num_classes
-  images = rng.normal(size=(c.train.batch_size, *image_shape)).astype(
-      np.float32)
+  images = rng.normal(size=(c.train.batch_size, *common.image_shape(c))
+                      ).astype(np.float32)
   labels = rng.integers(0, num_classes, c.train.batch_size).astype(np.int32)
   times = []
   for i in range(warmup + steps):

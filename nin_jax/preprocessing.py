@@ -27,7 +27,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from scipy import ndimage
 
 GCN_SCALE = 55.0
 GCN_MIN_DIVISOR = 1e-8
@@ -128,6 +127,7 @@ def local_contrast_normalize(x: np.ndarray, sigma: float = LCN_SIGMA,
   al. (2009) and pylearn2's LeCun LCN. Works in chunks of images, so SVHN's
   600k images need little more memory than the float32 result.
   """
+  from scipy import ndimage  # pylint: disable=g-import-not-at-top
   out = np.empty(x.shape, np.float32)
   spatial = (0, sigma, sigma, 0)
   for start in range(0, x.shape[0], chunk):

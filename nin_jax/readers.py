@@ -7,6 +7,7 @@ nothing above them in nin_jax.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import zipfile
 
@@ -15,13 +16,30 @@ import numpy as np
 from nin_jax.errors import DataError
 
 
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's 1,797 digits: (images [1797, 8, 8] float64 0..16, labels).
+
+  Read from the CSV file scikit-learn ships, found without importing
+  scikit-learn (its import takes longer than the quick start's data); where
+  an installation lays its files out otherwise, through its own loader.
+  """
+  spec = importlib.util.find_spec('sklearn')
+  for root in (spec.submodule_search_locations or []) if spec else []:
+    path = os.path.join(root, 'datasets', 'data', 'digits.csv.gz')
+    if os.path.exists(path):
+      data = np.loadtxt(path, delimiter=',')
+      return data[:, :-1].reshape(-1, 8, 8), data[:, -1].astype(np.int64)
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  digits = sk_datasets.load_digits()
+  return digits.images, digits.target
+
+
 def load_digits(seed: int = 0, test_fraction: float = 0.2
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
   """scikit-learn's 8x8 digits: (x_train, y_train, x_test, y_test), pixels 0..16."""
-  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
-  digits = sk_datasets.load_digits()
-  images = digits.images.astype(np.float32)[..., None]
-  labels = digits.target.astype(np.int32)
+  images, labels = digits_arrays()
+  images = images.astype(np.float32)[..., None]
+  labels = labels.astype(np.int32)
   rng = np.random.default_rng(seed)
   train_idx, test_idx = [], []
   for cls in np.unique(labels):

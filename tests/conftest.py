@@ -9,12 +9,16 @@ runtime), fresh cache directories for nin-jax's ZCA statistics and TFDS, so a
 result never comes from files an earlier run left behind, and one XLA
 compilation cache for every process of the session. The
 processes the tests start inherit all of it.
+
+NIN_JAX_TEST_SHARED names a directory that several pytest sessions share
+(.ci/run's two tiers): the XLA cache and the finished runs of the fixtures
+both tiers use (`helpers.shared_run`) live there, so neither is made twice.
 """
 
 import atexit
-import fcntl
 import importlib.abc
 import os
+import pathlib
 import re
 import shutil
 import socket
@@ -23,8 +27,22 @@ import tempfile
 
 import pytest
 
-_SESSION_DIR = tempfile.mkdtemp(prefix='nin_jax_tests_')
-atexit.register(shutil.rmtree, _SESSION_DIR, ignore_errors=True)
+
+
+def _session_dir() -> str:
+  """This session's directory, one for all its xdist workers: the
+  controlling process makes it (and removes it at exit, after its workers)
+  and the workers it starts inherit its path."""
+  inherited = os.environ.get('NIN_JAX_TEST_SESSION_DIR')
+  if inherited and os.environ.get('PYTEST_XDIST_WORKER'):
+    return inherited
+  path = tempfile.mkdtemp(prefix='nin_jax_tests_')
+  os.environ['NIN_JAX_TEST_SESSION_DIR'] = path
+  atexit.register(shutil.rmtree, path, ignore_errors=True)
+  return path
+
+
+_SESSION_DIR = _session_dir()
 
 # Variables that change what JAX runs on, how many devices it has, its
 # numerics, or whether a process joins a multi-process job.
@@ -55,11 +73,11 @@ def _pin_environment(environ) -> None:
   # One persistent XLA compilation cache, shared by the processes the tests
   # start: the many short runs of the quick-start model compile each program
   # once. It holds compiled programs keyed by their HLO, flags and JAX
-  # version, never results. Per session, unless NIN_JAX_TEST_XLA_CACHE names
-  # a directory to share between sessions (.ci/run shares one between the
-  # default and slow tiers).
-  xla_cache = (environ.get('NIN_JAX_TEST_XLA_CACHE') or
-               os.path.join(_SESSION_DIR, 'xla_cache'))
+  # version, never results.
+  # NIN_JAX_TEST_SHARED if the caller set it (sessions that share it: .ci/run's
+  # tiers), else this session's directory.
+  environ.setdefault('NIN_JAX_TEST_SHARED', _SESSION_DIR)
+  xla_cache = os.path.join(environ['NIN_JAX_TEST_SHARED'], 'xla_cache')
   os.makedirs(xla_cache, exist_ok=True)
   environ['JAX_COMPILATION_CACHE_DIR'] = xla_cache
   environ['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
@@ -102,18 +120,18 @@ def quickstart_config():
 
 
 @pytest.fixture(scope='session')
-def reference(tmp_path_factory):
-  """The final state of the uninterrupted quick-start run of helpers.launch,
-  for every test that compares a resumed run with it. Made once per session:
-  xdist's workers share it through their common temporary directory, the
-  first to need it training it while the others wait on a lock."""
+def reference_workdir() -> pathlib.Path:
+  """The workdir of the uninterrupted quick-start run of helpers.launch, for
+  every test that compares a resumed run with it (to read or copy)."""
   import helpers  # pylint: disable=g-import-not-at-top
-  root = tmp_path_factory.getbasetemp()
-  if os.environ.get('PYTEST_XDIST_WORKER'):
-    root = root.parent  # This session's, shared by its workers.
-  with open(root / 'reference_run.lock', 'w') as lock:
-    fcntl.flock(lock, fcntl.LOCK_EX)
-    return helpers.reference_run(root / 'reference_run')
+  return helpers.shared_run('reference', helpers.train_reference)
+
+
+@pytest.fixture(scope='session')
+def reference(reference_workdir):
+  """The final state of the uninterrupted run (`reference_workdir`)."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  return helpers.final_state(reference_workdir)
 
 
 @pytest.fixture

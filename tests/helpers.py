@@ -1,5 +1,6 @@
 """Helpers shared by the test files (fixtures live in conftest.py)."""
 
+import fcntl
 import json
 import os
 import pathlib
@@ -7,7 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
-from typing import Optional
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -139,16 +140,30 @@ def assert_identical(a, b):
                                   err_msg=jax.tree_util.keystr(path))
 
 
-def reference_run(workdir: pathlib.Path) -> dict:
-  """Trains the uninterrupted run into `workdir` (unless a finished one is
-  there) and returns its final state."""
-  done = workdir / 'finished'
-  if not done.exists():
-    shutil.rmtree(workdir, ignore_errors=True)
-    code, err = finish(launch(workdir))
-    assert code == 0, err[-3000:]
-    done.touch()
-  return final_state(workdir)
+def shared_run(name: str, build: Callable[[pathlib.Path], None]
+               ) -> pathlib.Path:
+  """The directory of the finished run `name`, made by `build(directory)`
+  once for all xdist workers and all sessions sharing NIN_JAX_TEST_SHARED
+  (conftest.py): the first to need it builds it while the others wait on a
+  lock; a build that failed leaves nothing the next would trust. Tests only
+  read it or copy it."""
+  root = pathlib.Path(os.environ['NIN_JAX_TEST_SHARED']) / 'runs'
+  root.mkdir(parents=True, exist_ok=True)
+  directory, finished = root / name, root / f'{name}.finished'
+  with open(root / f'{name}.lock', 'w') as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not finished.exists():
+      shutil.rmtree(directory, ignore_errors=True)
+      directory.mkdir()
+      build(directory)
+      finished.touch()
+  return directory
+
+
+def train_reference(workdir: pathlib.Path) -> None:
+  """Trains the uninterrupted run (helpers.launch, no fault) into `workdir`."""
+  code, err = finish(launch(workdir))
+  assert code == 0, err[-3000:]
 
 
 def resumed_from(err) -> Optional[int]:

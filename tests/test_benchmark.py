@@ -1,5 +1,6 @@
 """Tests of experiments/benchmark.py and the automatic CPU settings."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -17,11 +18,7 @@ BENCHMARK_FIELDS = ('train_images_per_sec', 'eval_images_per_sec',
 
 
 def _torch_installed() -> bool:
-  try:
-    import torch  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
-    return False
-  return True
+  return importlib.util.find_spec('torch') is not None
 
 
 def _benchmark(repo_root, *args, env_updates=()):

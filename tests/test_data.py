@@ -184,6 +184,23 @@ def test_svhn_validation_is_400_per_class_of_train_and_200_of_extra():
   np.testing.assert_array_equal(again[2], x_val)  # Fixed, seed-free.
 
 
+@pytest.mark.parametrize('through', ['csv', 'sklearn'])
+def test_digits_are_scikit_learns(monkeypatch, through):
+  """The quick start's digits, read from scikit-learn's CSV file or, where
+  the file is not found, through scikit-learn's loader: its arrays exactly."""
+  from sklearn import datasets as sk_datasets  # pylint: disable=g-import-not-at-top
+  if through == 'sklearn':
+    monkeypatch.setattr(readers.importlib.util, 'find_spec', lambda _: None)
+  images, labels = readers.digits_arrays()
+  digits = sk_datasets.load_digits()
+  np.testing.assert_array_equal(images, digits.images)
+  np.testing.assert_array_equal(labels, digits.target)
+  x_train, y_train, x_test, y_test = readers.load_digits()
+  assert (x_train.shape, x_test.shape) == ((1438, 8, 8, 1), (359, 8, 8, 1))
+  np.testing.assert_array_equal(np.bincount(y_train) + np.bincount(y_test),
+                                np.bincount(digits.target))
+
+
 def test_validation_split_of_a_small_set_is_its_last_sixth():
   c = config_lib.default_config()
   c.data.dataset, c.data.validation_split, c.model.preset = 'sklearn:digits', True, 'quickstart'

@@ -342,7 +342,7 @@ GOOD = [
      'python -m nin_jax.evaluate --workdir=x --noflip --flip && ls --color\n'
      '```\n`python -m experiments.benchmark --batch-size 128 '
      '[--variant faithful]` `python -m experiments.train_mnist --epochs=2 '
-     '--set a.b=1` `python -m experiments.launch_local --num_processes=2 -- '
+     '--config.a.b=1` `python -m experiments.launch_local --num_processes=2 -- '
      '--config=configs/quickstart.py --workdir=y`'),
     (path_problems, '`results/` `configs/cifar10.py:fc` `configs/*.py` '
      '`nin_jax/plugins/onednn`'),

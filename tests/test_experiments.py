@@ -15,6 +15,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import common
 from nin_jax import metric_writers
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -73,9 +74,9 @@ def test_train_script_trains_its_config_on_an_npz(name, shape, steps,
   npz = write_npz(tmp_path / f'{name}.npz', shape)
   workdir = tmp_path / f'{name}_run'
   proc = run_module(f'train_{name}', f'--workdir={workdir}', f'--npz={npz}',
-                    f'--steps={steps}', '--set', 'train.batch_size=8', '--set',
-                    'train.eval_batch_size=10', '--set',
-                    'runtime.cpu_devices=1')
+                    f'--steps={steps}', '--config.train.batch_size=8',
+                    '--config.train.eval_batch_size=10',
+                    '--config.runtime.cpu_devices=1')
   check_training(proc, name, workdir, npz, steps, preprocessing)
   if preprocessing == 'gcn_zca':
     # The GCN + ZCA statistics of the training images, kept with the run.
@@ -128,3 +129,72 @@ def test_input_benchmark_streams_synthetic_imagenet_jpegs():
                                                      'stream_eval']
   for line in lines[1:]:  # Rates of a shared machine: their form only.
     assert re.fullmatch(r'stream_(train|eval) +\d+ images/s', line), line
+
+
+# ------------------------------------------------ experiments/common.py --
+
+def test_overrides_are_parsed_as_the_launcher_parses_them():
+  """Values typed on the command line take the field's type (as
+  `python -m nin_jax.main` gives them), Python values their spelling."""
+  c = common.load_config('configs/cifar10.py:faithful', [
+      ('optim.learning_rate', '0.05'), ('model.head', 'fc'),
+      ('data.augment', 'False'), ('train.num_epochs', 2.5),
+      ('data.dataset', 'npz:/a/b.npz')])
+  assert c.optim.learning_rate == 0.05 and c.model.head == 'fc'
+  assert c.data.augment is False and c.train.num_epochs == 2.5
+  assert c.data.dataset == 'npz:/a/b.npz' and not c.model.batch_norm
+  assert common.override('train.num_epochs', 2.0) == (
+      '--config.train.num_epochs=2.0')
+
+
+@pytest.mark.parametrize('fields, message', [
+    ([('train.sed', '1')], "--config.train.sed=1: the config has no field "
+     "'train.sed'; did you mean --config.train.seed"),
+    ([('train.seed', 'abc')], 'config.train.seed holds a value of type int'),
+])
+def test_a_bad_override_is_the_launchers_one_line(fields, message):
+  with pytest.raises(common.UserError, match=re.escape(message)):
+    common.load_config('configs/quickstart.py', fields)
+
+
+def test_parse_args_takes_overrides_and_refuses_anything_else(capsys):
+  parser = common.ArgumentParser('script')
+  parser.add_argument('--steps', type=int)
+  args, overrides = common.parse_args(
+      parser, ['--config.train.seed=3', '--steps=2', '--config.a.b=x=y'])
+  assert args.steps == 2
+  assert overrides == [('train.seed', '3'), ('a.b', 'x=y')]
+  for bad in ('--set', '--config.train.seed'):
+    with pytest.raises(SystemExit) as exit_info:
+      common.parse_args(parser, [bad])
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == (
+        f"script: error: unrecognized argument '{bad}' (config fields are "
+        'set with --config.GROUP.FIELD=VALUE)\n')
+
+
+def test_metrics_once_per_step_and_steps_per_epoch(tmp_path):
+  records = [
+      {'step': 10, 'split': 'train', 'epoch': 0.5, 'loss': 2.0},
+      {'step': 10, 'split': 'test', 'error': 0.5},
+      {'step': 20, 'split': 'train', 'epoch': 1.0, 'loss': 1.0},
+      {'step': 20, 'split': 'test', 'error': 0.4},
+      {'step': 20, 'split': 'test', 'error': 0.9},  # A resumed run's again.
+  ]
+  (tmp_path / 'metrics.jsonl').write_text(
+      ''.join(json.dumps(r) + '\n' for r in records))
+  train, evals = common.read_metrics(str(tmp_path))
+  assert [r['step'] for r in train] == [10, 20]
+  assert [r['error'] for r in evals] == [0.5, 0.4]
+  assert common.steps_per_epoch(train) == 20.0
+  assert common.steps_per_epoch(evals) is None
+  assert common.read_metrics(str(tmp_path / 'none')) == ([], [])
+
+
+def test_a_function_runs_in_a_process_of_its_own():
+  records = [{'split': 'train', 'step': 30, 'epoch': 1.5}]
+  assert common.call_in_process(common.steps_per_epoch,
+                                records=records) == 20.0
+  with pytest.raises(common.WorkerError,
+                     match=r'(?s)exited with 1:.*KeyError'):
+    common.call_in_process(common.steps_per_epoch, records=[{'step': 1}])

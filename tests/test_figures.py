@@ -4,6 +4,7 @@ and experiments/plot_curves.py, on one tiny quick-start run per session."""
 import json
 import os
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from PIL import Image
 
 from experiments import confidence_maps
 from experiments import plot_curves
+from helpers import shared_run
 from nin_jax import config_lib
 from nin_jax import inference
 from nin_jax import input_pipeline
@@ -37,15 +39,18 @@ def script(name, *args):
       capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
 
 
-@pytest.fixture(scope='session')
-def workdir(tmp_path_factory):
-  """configs/quickstart.py trained 44 steps (about 10 s): a GAP model with
-  BatchNorm, logged at steps 20, 40, 44 and evaluated at 22 and 44."""
+def train_quickstart(directory):
   c = config_lib.load_config_file(str(REPO / 'configs' / 'quickstart.py'))
   c.train.num_train_steps = STEPS
-  path = str(tmp_path_factory.mktemp('figures') / 'quickstart')
-  train.train_and_evaluate(c, path)
-  return path
+  train.train_and_evaluate(c, str(directory))
+
+
+@pytest.fixture(scope='session')
+def workdir():
+  """configs/quickstart.py trained 44 steps (about 10 s), once for both test
+  tiers (helpers.shared_run): a GAP model with BatchNorm, logged at steps 20,
+  40, 44 and evaluated at 22 and 44. Tests only read it or copy it."""
+  return str(shared_run('figures_quickstart', train_quickstart))
 
 
 def copy_with_config(workdir, destination, **model_fields):
@@ -289,3 +294,17 @@ def test_plot_curves_errors(workdir, tmp_path):
       f'nin_jax: error: {tmp_path / "missing"} is not a directory, so not a '
       'nin-jax workdir.')
   assert 'Traceback' not in result.stderr
+
+
+@pytest.mark.slow
+def test_late_steps_times_the_initial_and_the_final_state(workdir):
+  """experiments/late_steps.py on the quick-start run: its lines, in order."""
+  result = script('late_steps', f'--workdir={workdir}', '--pairs=1',
+                  '--steps=1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  lines = result.stdout.strip().splitlines()
+  assert lines[0] == 'devices: 1'
+  assert re.fullmatch(r'subnormal params in final checkpoint: \d+ of \d+',
+                      lines[1]), lines[1]
+  assert [line.split()[:2] for line in lines[2:]] == [
+      ['initial', 's/step'], ['final', 's/step']]

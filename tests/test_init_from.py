@@ -1,7 +1,6 @@
 """config.train.init_from: a new run starts from another workdir's parameters
 (another run's, or an imported model's weights-only checkpoint)."""
 
-import pathlib
 
 import jax
 import numpy as np

@@ -1,9 +1,10 @@
 """experiments/paper_tables.py: the rows each table builds (no training),
 its one-line errors, and two tiny tables trained for real on the quick-start
-config: `heads` (3 runs of 10 steps, the command line as a user runs it) and,
-in a copy of its workdir, `dropout` (its row with dropout is heads' GAP run,
-reused: 1 run). Reruns happen in this process with the launching of runs
-replaced by a failure, so "nothing trained" is what they check."""
+config: `dropout` (2 runs of 10 steps, the command line as a user runs it,
+made once for both test tiers) and, slow, `heads` in a copy of its workdir
+(its GAP row is dropout's run with dropout, reused: 2 runs). Reruns happen
+in this process with the launching of runs replaced by a failure, so
+"nothing trained" is what they check."""
 
 import contextlib
 import hashlib
@@ -21,6 +22,7 @@ import pytest
 from PIL import Image
 
 from experiments import paper_tables
+from helpers import shared_run
 from nin_jax import config_lib
 from nin_jax import metric_writers
 
@@ -63,26 +65,39 @@ def fingerprint(workdir):
           and p.parent != root}
 
 
-@pytest.fixture(scope='module')
-def heads(tmp_path_factory):
-  """The heads table on the quick-start config, 20 steps a row: (workdir,
-  first run's process, the .json it wrote)."""
-  workdir = tmp_path_factory.mktemp('tables')
-  result = run_script('--table=heads', f'--base={QUICKSTART}',
-                      f'--steps={STEPS}', f'--workdir={workdir}')
+def run_dropout_table(directory):
+  """The dropout table on the quick-start config, as a user runs it, into
+  `directory`; its stdout and stderr kept beside the table's files."""
+  result = run_script('--table=dropout', f'--base={QUICKSTART}',
+                      f'--steps={STEPS}', f'--workdir={directory}')
+  (directory / 'stdout.txt').write_text(result.stdout)
+  (directory / 'stderr.txt').write_text(result.stderr)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert result.stderr.count('Training quickstart') == 3
-  return workdir, result, json.loads((workdir / 'heads.json').read_text())
 
 
 @pytest.fixture(scope='module')
-def dropout(heads, tmp_path_factory):
-  """The dropout table on the quick-start config in a copy of heads' workdir,
-  run in this process: (workdir, its stdout, the .json it wrote, the rows it
-  launched). Its row with dropout is the config of heads/gap."""
-  source, _, _ = heads
-  workdir = tmp_path_factory.mktemp('dropout') / 'tables'
-  shutil.copytree(source, workdir, symlinks=True)
+def dropout():
+  """The dropout table trained once for both test tiers (helpers.shared_run):
+  (workdir, its stderr, the .json it wrote). Tests only read it or copy it."""
+  workdir = shared_run('paper_tables_dropout', run_dropout_table)
+  return (workdir, (workdir / 'stderr.txt').read_text(),
+          json.loads((workdir / 'dropout.json').read_text()))
+
+
+def copy_of(workdir, tmp_path):
+  """A copy of a table's workdir (links between its rows kept as links)."""
+  copy = tmp_path / 'tables'
+  shutil.copytree(workdir, copy, symlinks=True)
+  return copy
+
+
+@pytest.fixture(scope='module')
+def heads(dropout, tmp_path_factory):
+  """The heads table on the quick-start config in a copy of the dropout
+  table's workdir, run in this process: (workdir, its stdout, the .json it
+  wrote, the rows it launched). Its GAP row is the config of
+  dropout/dropout."""
+  workdir = copy_of(dropout[0], tmp_path_factory.mktemp('heads'))
   launched = []
   real_run_row = paper_tables.run_row
 
@@ -91,25 +106,21 @@ def dropout(heads, tmp_path_factory):
     return real_run_row(row)
 
   with pytest.MonkeyPatch.context() as monkeypatch:
-    stdout = run_in_process(monkeypatch, '--table=dropout',
+    stdout = run_in_process(monkeypatch, '--table=heads',
                             f'--base={QUICKSTART}', f'--steps={STEPS}',
                             f'--workdir={workdir}', launch=launch)
-  return (workdir, stdout, json.loads((workdir / 'dropout.json').read_text()),
+  return (workdir, stdout, json.loads((workdir / 'heads.json').read_text()),
           launched)
 
 
-def test_heads_json_has_three_finished_rows(heads):
-  workdir, _, table = heads
-  assert table['table'] == 'heads' and table['error_unit'] == 'percent'
+def assert_finished_rows(table, workdir, name, keys, fields):
+  """Each row of `table` finished its STEPS steps, its command is the
+  launcher's with the row's `fields`, and its error is its own evaluation at
+  the final step."""
+  assert table['table'] == name and table['error_unit'] == 'percent'
   assert table['base'] == QUICKSTART
   assert table['budget'] == {'steps': STEPS, 'epochs': None}
-  rows = table['rows']
-  assert [r['variant'] for r in rows] == [
-      'GAP', 'fully connected', 'fully connected + dropout']
-  assert [r['paper_error'] for r in rows] == [10.41, 11.59, 10.88]
-  heads_fields = [('gap', '0.0'), ('fc', '0.0'), ('fc', '0.5')]
-  for row, (head, rate), key in zip(rows, heads_fields,
-                                    ('gap', 'fc', 'fc_dropout')):
+  for row, key, row_fields in zip(table['rows'], keys, fields, strict=True):
     assert math.isfinite(row['error']) and 0 <= row['error'] <= 100
     assert row['steps'] == STEPS
     assert row['epochs'] == pytest.approx(STEPS / 22)  # 22 steps an epoch.
@@ -117,83 +128,71 @@ def test_heads_json_has_three_finished_rows(heads):
     argv = shlex.split(row['command'])
     assert argv[:4] == ['python', '-m', 'nin_jax.main',
                         f'--config={QUICKSTART}']
-    assert f'--workdir={workdir / "heads" / key}' in argv
-    assert f'--config.model.head={head}' in argv
-    assert f'--config.model.head_dropout_rate={rate}' in argv
+    assert f'--workdir={workdir / name / key}' in argv
+    for field in row_fields:
+      assert field in argv, (field, argv)
     assert f'--config.train.num_train_steps={STEPS}' in argv
-    # The error is the run's own evaluation at its final step.
-    final = [r for r in metric_writers.read_metrics(row['workdir'])
-             if r['split'] == 'test' and r['step'] == STEPS]
-    assert len(final) == 1
-    assert row['error'] == pytest.approx(100 * final[0]['error'])
     evaluations = [r for r in metric_writers.read_metrics(row['workdir'])
                    if r['split'] == 'test']
     assert [r['step'] for r in evaluations] == [2, 4, 6, 8, 10]
+    assert row['error'] == pytest.approx(100 * evaluations[-1]['error'])
 
 
-def test_heads_markdown_puts_paper_beside_ours_and_png_opens(heads):
-  workdir, _, table = heads
-  lines = (workdir / 'heads.md').read_text().splitlines()
+def assert_markdown_and_png(workdir, name, table):
+  """TABLE.md puts the paper's error beside ours with the command; TABLE.png
+  opens."""
+  lines = (workdir / f'{name}.md').read_text().splitlines()
   body = [l for l in lines if l.startswith('| ')
           and not l.startswith(('| variant', '| ---'))]
-  assert len(body) == 3
+  assert len(body) == len(table['rows'])
   for line, row in zip(body, table['rows']):
     cells = [c.strip() for c in line.strip('|').split(' | ')]
     assert cells[0] == row['variant']
-    assert cells[1] == f'{row["paper_error"]:.2f}'
-    assert cells[2] == f'{row["error"]:.2f}'
+    paper = row['paper_error']
+    assert cells[1] == ('figure only' if paper is None else f'{paper:.2f}')
+    note = f' ({row["note"]})' if row['note'] else ''
+    assert cells[2] == f'{row["error"]:.2f}{note}'
     assert cells[3] == str(STEPS)
     assert cells[6] == f'`{row["command"]}`'
-  with Image.open(workdir / 'heads.png') as image:
+  with Image.open(workdir / f'{name}.png') as image:
     image.verify()
     assert image.size[0] > 300 and image.size[1] > 200
 
 
-def test_rerun_trains_nothing(heads, monkeypatch):
-  workdir, _, table = heads
+def test_dropout_json_has_two_finished_rows(dropout):
+  workdir, stderr, table = dropout
+  assert stderr.count('Training quickstart') == 2
+  assert [r['variant'] for r in table['rows']] == ['dropout 0.5',
+                                                    'no dropout']
+  assert [r['paper_error'] for r in table['rows']] == [10.41, None]
+  assert_finished_rows(table, workdir, 'dropout', ('dropout', 'no_dropout'),
+                       (['--config.model.dropout_rate=0.5'],
+                        ['--config.model.dropout_rate=0.0']))
+  assert_markdown_and_png(workdir, 'dropout', table)
+
+
+def test_rerun_trains_nothing(dropout, monkeypatch, tmp_path):
+  workdir = copy_of(dropout[0], tmp_path)
+  table = dropout[2]
   before = fingerprint(workdir)
-  stdout = run_in_process(monkeypatch, '--table=heads', f'--base={QUICKSTART}',
-                          f'--steps={STEPS}', f'--workdir={workdir}')
-  assert stdout.count('finished before, not run again') == 3
+  stdout = run_in_process(monkeypatch, '--table=dropout',
+                          f'--base={QUICKSTART}', f'--steps={STEPS}',
+                          f'--workdir={workdir}')
+  assert stdout.count('finished before, not run again') == 2
   assert fingerprint(workdir) == before  # Metrics, checkpoints unchanged.
-  again = json.loads((workdir / 'heads.json').read_text())
+  again = json.loads((workdir / 'dropout.json').read_text())
   assert [r['error'] for r in again['rows']] == [
       r['error'] for r in table['rows']]
   assert [r['wall_seconds'] for r in again['rows']] == [
       r['wall_seconds'] for r in table['rows']]
 
 
-def test_same_run_in_another_table_is_reused_not_trained(heads, dropout,
-                                                        monkeypatch):
-  """dropout/dropout trains the config of heads/gap: with that row finished
-  in the same workdir, it links to it and only no_dropout trains."""
-  _, _, heads_table = heads
-  workdir, stdout, table, launched = dropout
-  assert ('dropout/dropout: not run again: the run of heads/gap, the same '
-          'config') in stdout
-  assert launched == ['no_dropout']
-  linked = workdir / 'dropout' / 'dropout'
-  assert linked.is_symlink() and linked.resolve() == workdir / 'heads' / 'gap'
-  gap = heads_table['rows'][0]
-  reused, trained = table['rows']
-  assert reused['error'] == gap['error'] and reused['steps'] == STEPS
-  assert reused['wall_seconds'] == gap['wall_seconds']
-  assert reused['note'] == 'the run of heads/gap, the same config'
-  assert trained['note'] is None and trained['error'] is not None
-  assert 'the run of heads/gap, the same config' in (
-      workdir / 'dropout.md').read_text()
-  again = run_in_process(monkeypatch, '--table=dropout', f'--base={QUICKSTART}',
-                         f'--steps={STEPS}', f'--workdir={workdir}')
-  assert again.count('finished before, not run again') == 2
-  assert json.loads((workdir / 'dropout.json').read_text()) == table
-
-
-def test_row_without_final_evaluation_is_unfinished(heads, tmp_path):
+def test_row_without_final_evaluation_is_unfinished(dropout, tmp_path):
   """A row is finished by its evaluation at the final step alone: without it
   (a run killed before), the row is run again and resumes."""
-  workdir, _, _ = heads
+  workdir, _, _ = dropout
   rows = paper_tables.build_rows(
-      paper_tables.TABLES['heads'], QUICKSTART, STEPS, None, None, [],
+      paper_tables.TABLES['dropout'], QUICKSTART, STEPS, None, None, [],
       str(workdir))
   assert all(paper_tables.read_result(row) for row in rows)
   metrics = metric_writers.read_metrics(rows[0].workdir)
@@ -208,11 +207,8 @@ def test_row_without_final_evaluation_is_unfinished(heads, tmp_path):
 
 
 def test_dropout_rows_differ_only_in_dropout_rate(dropout):
-  workdir, _, table, _ = dropout
+  workdir, _, table = dropout
   with_dropout, without = table['rows']
-  assert (with_dropout['paper_error'], without['paper_error']) == (10.41, None)
-  for row in table['rows']:
-    assert math.isfinite(row['error']) and row['steps'] == STEPS
   a, b = (shlex.split(r['command']) for r in table['rows'])
   assert len(a) == len(b)
   differ = [(x, y) for x, y in zip(a, b) if x != y]
@@ -225,8 +221,47 @@ def test_dropout_rows_differ_only_in_dropout_rate(dropout):
         (pathlib.Path(row['workdir']) / 'config.json').read_text())
     assert saved['model']['dropout_rate'] == (
         0.5 if row is with_dropout else 0.0)
-  assert 'figure only' in (workdir / 'dropout.md').read_text()
-  assert (workdir / 'dropout.png').exists()
+
+
+@pytest.mark.slow
+def test_heads_json_has_three_finished_rows(heads):
+  workdir, _, table, _ = heads
+  assert [r['variant'] for r in table['rows']] == [
+      'GAP', 'fully connected', 'fully connected + dropout']
+  assert [r['paper_error'] for r in table['rows']] == [10.41, 11.59, 10.88]
+  assert_finished_rows(
+      table, workdir, 'heads', ('gap', 'fc', 'fc_dropout'),
+      [[f'--config.model.head={head}',
+        f'--config.model.head_dropout_rate={rate}']
+       for head, rate in (('gap', '0.0'), ('fc', '0.0'), ('fc', '0.5'))])
+  assert_markdown_and_png(workdir, 'heads', table)
+
+
+@pytest.mark.slow
+def test_same_run_in_another_table_is_reused_not_trained(heads, dropout,
+                                                        monkeypatch):
+  """heads/gap trains the config of dropout/dropout: with that row finished
+  in the same workdir, it links to it and only the two other heads train."""
+  _, _, dropout_table = dropout
+  workdir, stdout, table, launched = heads
+  assert ('heads/gap: not run again: the run of dropout/dropout, the same '
+          'config') in stdout
+  assert launched == ['fc', 'fc_dropout']
+  linked = workdir / 'heads' / 'gap'
+  assert linked.is_symlink() and linked.resolve() == (
+      workdir / 'dropout' / 'dropout')
+  reused, *trained = table['rows']
+  source = dropout_table['rows'][0]
+  assert reused['error'] == source['error'] and reused['steps'] == STEPS
+  assert reused['wall_seconds'] == source['wall_seconds']
+  assert reused['note'] == 'the run of dropout/dropout, the same config'
+  assert all(r['note'] is None and r['error'] is not None for r in trained)
+  assert 'the run of dropout/dropout, the same config' in (
+      workdir / 'heads.md').read_text()
+  again = run_in_process(monkeypatch, '--table=heads', f'--base={QUICKSTART}',
+                         f'--steps={STEPS}', f'--workdir={workdir}')
+  assert again.count('finished before, not run again') == 3
+  assert json.loads((workdir / 'heads.json').read_text()) == table
 
 
 def test_dataset_without_data_is_not_run_with_one_line(tmp_path):

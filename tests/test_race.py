@@ -161,7 +161,7 @@ def _race(tmp_path, *args):
 @pytest.mark.slow
 def test_race_jax_end_to_end_on_the_quickstart(tmp_path):
   proc = _race(tmp_path, '--framework=jax', '--minutes=0.05', '--target=0.3',
-               '--set', 'train.eval_every_steps=20')
+               '--config.train.eval_every_steps=20')
   assert proc.returncode == 0, proc.stderr[-3000:]
   result = json.loads((tmp_path / 'race_jax.json').read_text())
   steps = result['plan']['steps']
@@ -196,10 +196,11 @@ def _refusal(capsys, out, *args):
 
 @pytest.mark.parametrize('args, message', [
     (['--minutes=0'], '--minutes must be positive, got 0.0'),
-    (['--set', 'model.presett=cifar10'], "did you mean --config.model.preset"),
-    (['--set', 'train.label_smoothing=2.0'],
+    (['--config.model.presett=cifar10'], "did you mean --config.model.preset"),
+    (['--config.train.label_smoothing=2.0'],
      r'config.train.label_smoothing=2.0'),
-    (['--set', 'nothing'], '--set nothing: write --set GROUP.FIELD=VALUE'),
+    (['--config.nothing'], "unrecognized argument '--config.nothing'"),
+    (['--set', 'train.seed=1'], "unrecognized argument '--set'"),
 ])
 def test_race_refuses_bad_input_in_one_line(tmp_path, capsys, args, message):
   err = _refusal(capsys, tmp_path / 'out', '--framework=jax', *args)
@@ -210,8 +211,8 @@ def test_race_refuses_a_config_the_peer_cannot_mirror_without_torch(
     tmp_path, capsys, without_torch):
   """The check needs no PyTorch: it runs before the peer is imported."""
   del without_torch
-  err = _refusal(capsys, tmp_path / 'out', '--framework=both', '--set',
-                 'model.head=fc')
+  err = _refusal(capsys, tmp_path / 'out', '--framework=both',
+                 '--config.model.head=fc')
   assert ("config.model.head='fc': the PyTorch peer does not mirror it; "
           "use 'gap'.") in err
 

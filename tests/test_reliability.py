@@ -16,6 +16,7 @@ import pytest
 from helpers import (STEPS, assert_identical, final_state, finish, launch,
                      resumed_from)
 from nin_jax import checkpoints
+from nin_jax import metric_writers
 from nin_jax import train
 
 
@@ -67,6 +68,13 @@ def test_killed_three_times_and_preempted_once_resumes_bit_identical(
   code, err = launch_and_check_resume(workdir)
   assert code == 0, err[-3000:]
   assert_identical(final_state(workdir), reference)
+  # Every step logged once, and the training time goes on from each
+  # checkpoint's (a run that restarted the clock would log a drop).
+  train_lines = [r for r in metric_writers.read_metrics(str(workdir))
+                 if r['split'] == 'train']
+  assert [r['step'] for r in train_lines] == list(range(1, STEPS + 1))
+  seconds = [r['train_seconds'] for r in train_lines]
+  assert all(0 < a < b for a, b in zip(seconds, seconds[1:])), seconds
 
 
 @pytest.mark.slow
@@ -104,21 +112,19 @@ def corrupt_remove_metadata(step_dir):
     f.unlink()
 
 
-@pytest.fixture(scope='module')
-def run_to_18(tmp_path_factory):
-  """A workdir trained to step 18 (checkpoints at 6, 12, 18), to damage."""
-  workdir = tmp_path_factory.mktemp('to18') / 'run'
-  code, err = finish(launch(workdir, extra=['--config.train.num_train_steps=18']))
-  assert code == 0, err[-3000:]
-  return workdir
+def run_to_18(reference_workdir, destination):
+  """The uninterrupted run as it stood after step 18 (checkpoints at 6, 12,
+  18): a copy of it without the final checkpoint."""
+  shutil.copytree(reference_workdir, destination)
+  shutil.rmtree(destination / 'checkpoints' / str(STEPS))
+  return destination
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize('damage', [corrupt_truncate, corrupt_remove_metadata])
-def test_damaged_newest_checkpoint_falls_back(reference, run_to_18, tmp_path,
-                                              damage):
-  workdir = tmp_path / 'damaged'
-  shutil.copytree(run_to_18, workdir)
+def test_damaged_newest_checkpoint_falls_back(reference, reference_workdir,
+                                              tmp_path, damage):
+  workdir = run_to_18(reference_workdir, tmp_path / 'damaged')
   damage(workdir / 'checkpoints' / '18')
   code, err = finish(launch(workdir))
   assert code == 0, err[-3000:]

@@ -126,43 +126,6 @@ def test_quickstart_learns_writes_and_resumes(quickstart_config, tmp_path,
   assert len(new_train_lines) == len(train_lines)  # Nothing retrained.
 
 
-@pytest.mark.slow
-def test_resume_continues_with_identical_state(quickstart_config, tmp_path):
-  whole = str(tmp_path / 'whole')
-  split = str(tmp_path / 'split')
-  short(quickstart_config, steps=30)
-  train.train_and_evaluate(quickstart_config, whole)
-  first = short(quickstart_config, steps=20)
-  train.train_and_evaluate(first, split)
-  assert sorted(int(p.name) for p in (pathlib.Path(split) /
-                                      'checkpoints').iterdir())[-1] == 20
-  train.train_and_evaluate(short(quickstart_config, steps=30), split)
-  # Plain orbax, without nin_jax: a pytree with params inside.
-  a = ocp.StandardCheckpointer().restore(
-      pathlib.Path(whole) / 'checkpoints' / '30' / 'default')
-  b = ocp.StandardCheckpointer().restore(
-      pathlib.Path(split) / 'checkpoints' / '30' / 'default')
-  assert int(a['step']) == int(b['step']) == 30
-  for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-    np.testing.assert_array_equal(x, y)
-  # Training time accumulates over the two runs of `split`: logged every
-  # step, it only grows, and the resumed run continues from step 20's.
-  seconds = {r['step']: r['train_seconds']
-             for r in metric_writers.read_metrics(split)
-             if r['split'] == 'train'}
-  assert sorted(seconds) == list(range(1, 31))
-  values = [seconds[s] for s in range(1, 31)]
-  assert all(0 < a < b for a, b in zip(values, values[1:])), values
-  wall = [r['time'] for r in metric_writers.read_metrics(split)
-          if r['split'] == 'train']
-  assert values[-1] < wall[-1] - wall[0] + values[0]  # Pauses left out.
-  la = [r['loss'] for r in metric_writers.read_metrics(whole)
-        if r['split'] == 'train']
-  lb = [r['loss'] for r in metric_writers.read_metrics(split)
-        if r['split'] == 'train']
-  assert la == lb
-
-
 def test_batches_are_a_function_of_seed_and_step():
   split = input_pipeline.Split(np.arange(100, dtype=np.float32)[:, None, None,
                                                                 None],
