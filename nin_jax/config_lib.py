@@ -282,6 +282,20 @@ def check_eval_flip(c: ml_collections.ConfigDict) -> None:
          'its classes; set it False')
 
 
+def check_num_classes(c: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError if the dataset's class count is known and is not the
+  number of class maps the preset makes (caught before any data is read)."""
+  have = datasets.lookup(c.data.dataset).num_classes
+  makes = models.PRESETS[c.model.preset].num_classes
+  if have is not None and have != makes:
+    fits = sorted(name for name, preset in models.PRESETS.items()
+                  if preset.num_classes == have)
+    raise ConfigError(
+        f'config.model.preset={c.model.preset!r} makes {makes} class maps, '
+        f'but config.data.dataset={c.data.dataset!r} has {have} classes; '
+        f'use a preset made for it ({", ".join(map(repr, fits))}).')
+
+
 def check_batch_size(c: ml_collections.ConfigDict,
                      num_train_examples: int) -> None:
   """Raises ConfigError if a training batch is larger than the training set."""

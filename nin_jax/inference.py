@@ -177,6 +177,7 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
   if flip is not None:
     c.train.eval_flip = bool(flip)
   config_lib.check_eval_flip(c)
+  config_lib.check_num_classes(c)
   data, normalize_fn = eval_split(c, trained.spec, split)
   mesh = train.create_mesh()
   replicated = NamedSharding(mesh, P())

@@ -120,6 +120,7 @@ def validate_config(c: ml_collections.ConfigDict,
   validate_train_config(c.train)
   runtime.validate_config(c.runtime)
   config_lib.check_eval_flip(c)
+  config_lib.check_num_classes(c)
   if num_devices is not None:
     config_lib.check_devices(c, num_devices)
 

@@ -84,8 +84,13 @@ def test_batch_must_divide_over_devices():
 
 
 def test_image_too_small_for_preset(tmp_path):
+  """8x8 images (an npz of a name nin-jax does not know, so no class count to
+  compare first) for the ImageNet preset, which pools 224x224 inputs down."""
+  images = np.zeros((16, 8, 8, 3), np.uint8)
+  np.savez(tmp_path / 'tiny.npz', x_train=images, y_train=np.arange(16),
+           x_test=images[:4], y_test=np.arange(4))
   c = config_lib.default_config()
-  c.model.preset, c.data.dataset = 'imagenet', 'sklearn:digits'
+  c.model.preset, c.data.dataset = 'imagenet', f'npz:{tmp_path / "tiny.npz"}'
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.model\.preset='imagenet' cannot take 8x8"):
     train.train_and_evaluate(c, str(tmp_path / 'run'))
@@ -337,3 +342,37 @@ def test_conv_select_xla_is_the_models_conv():
   assert conv_select.conv_module('xla') is models.Conv
   with pytest.raises(ValueError, match='conv_impl must be one of'):
     conv_select.conv_module('mkldnn')
+
+
+def test_a_dataset_of_another_class_count_than_the_preset_is_refused_first(
+    tmp_path, monkeypatch):
+  """tfds:cifar100 (or an npz named after it) with the cifar10 preset: one
+  line naming both fields and the presets that fit, before any data is read
+  or the workdir made. A dataset whose class count nin-jax does not know
+  (an npz of another name) is checked when its labels load instead."""
+  def refuse(*args, **kwargs):
+    raise AssertionError('data read before the config was checked')
+  monkeypatch.setattr(input_pipeline, 'load_raw', refuse)
+  c = config_lib.default_config()
+  c.model.preset, c.data.dataset = 'cifar10', 'tfds:cifar100'
+  message = ("config.model.preset='cifar10' makes 10 class maps, but "
+             "config.data.dataset='tfds:cifar100' has 100 classes; use a "
+             "preset made for it ('cifar100').")
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.train_and_evaluate(c, str(tmp_path / 'run'))
+  assert str(error.value) == message
+  assert not (tmp_path / 'run').exists()
+  c.data.dataset = 'npz:/data/cifar100.npz'
+  with pytest.raises(config_lib.ConfigError, match='has 100 classes'):
+    train.validate_config(c)
+  c.model.preset, c.data.dataset = 'cifar100', 'tfds:mnist'
+  with pytest.raises(config_lib.ConfigError) as error:
+    train.validate_config(c)
+  assert str(error.value).endswith(
+      "has 10 classes; use a preset made for it ('cifar10', 'mnist', "
+      "'quickstart', 'svhn').")
+  for preset, dataset in (('cifar100', 'tfds:cifar100'),
+                          ('cifar10', 'npz:/data/my_images.npz'),
+                          ('quickstart', 'sklearn:digits')):
+    c.model.preset, c.data.dataset = preset, dataset
+    train.validate_config(c)
