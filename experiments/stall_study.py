@@ -28,7 +28,8 @@ Then each of --trials trains --steps steps at the zoo solver's learning rate
 dropout 0.5) with the trainer's own compiled step:
   seedS       the faithful init and the trainer's shuffled order of seed S
   sequential  seed 0's init, the images in file order as Caffe's data layer
-              reads its leveldb (no shuffling)
+              reads its leveldb (no shuffling); sequentialS: seed S's init
+              and dropout keys, the same order
   std0.01     seed 0's init scaled to N(0, 0.01), seed 0's order
 recording each step's loss and logit spread and, every 25 steps, the class
 maps' positive fraction on the probe images. A trial is stalled at its end
@@ -214,8 +215,8 @@ def trial_start(name: str) -> tuple[int, float, str]:
   """(seed, kernel scale, order) of a trial name."""
   if name.startswith('seed') and name[4:].isdigit():
     return int(name[4:]), 1.0, 'shuffled'
-  if name == 'sequential':
-    return 0, 1.0, 'sequential'
+  if name.startswith('sequential') and (name[10:] or '0').isdigit():
+    return int(name[10:] or 0), 1.0, 'sequential'
   if name.startswith('std'):
     try:
       std = float(name[3:])
@@ -223,7 +224,8 @@ def trial_start(name: str) -> tuple[int, float, str]:
       std = 0.0
     if std > 0:
       return 0, std / models.FAITHFUL_STDDEV, 'shuffled'
-  raise ValueError(f'unknown trial {name!r}: seedS, sequential or stdX')
+  raise ValueError(
+      f'unknown trial {name!r}: seedS, sequential, sequentialS or stdX')
 
 
 def batch_indices(order: str, seed: int, step: int, n: int) -> np.ndarray:
@@ -368,7 +370,7 @@ def main() -> None:
   parser.add_argument('--out', required=True, help='the JSON record')
   parser.add_argument('--figure', default='')
   parser.add_argument('--trials', default='',
-                      help=f'comma-separated, from {TRIALS} (seedS, stdX)')
+                      help=f'comma-separated, from {TRIALS} (seedS, sequentialS, stdX)')
   parser.add_argument('--steps', type=int, default=200)
   parser.add_argument('--plot_only', action='store_true')
   args = parser.parse_args()
