@@ -28,7 +28,6 @@ import tempfile
 import pytest
 
 
-
 def _session_dir() -> str:
   """This session's directory, one for all its xdist workers: the
   controlling process makes it (and removes it at exit, after its workers)
@@ -73,9 +72,9 @@ def _pin_environment(environ) -> None:
   # One persistent XLA compilation cache, shared by the processes the tests
   # start: the many short runs of the quick-start model compile each program
   # once. It holds compiled programs keyed by their HLO, flags and JAX
-  # version, never results.
-  # NIN_JAX_TEST_SHARED if the caller set it (sessions that share it: .ci/run's
-  # tiers), else this session's directory.
+  # version, never results. It lives in NIN_JAX_TEST_SHARED if the caller
+  # set it (sessions that share it: .ci/run's tiers), else in this session's
+  # directory.
   environ.setdefault('NIN_JAX_TEST_SHARED', _SESSION_DIR)
   xla_cache = os.path.join(environ['NIN_JAX_TEST_SHARED'], 'xla_cache')
   os.makedirs(xla_cache, exist_ok=True)
