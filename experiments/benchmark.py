@@ -37,6 +37,7 @@ import numpy as np
 
 from experiments import common
 from experiments import provenance
+from nin_jax import layers
 from nin_jax import runtime
 
 PRESETS = ('cifar10', 'cifar100', 'svhn', 'mnist', 'imagenet', 'quickstart')
@@ -145,8 +146,7 @@ def forward_flops_per_image(model, image_size: int, channels: int) -> float:
       flops += 2 * size * size * k * k * cin * width
       cin = width
     if block.pool != 'none':
-      from nin_jax import models  # pylint: disable=g-import-not-at-top
-      size = models.pooled_size(size, block.pool_window, block.pool_stride)
+      size = layers.pooled_size(size, block.pool_window, block.pool_stride)
   if model.head == 'fc':
     flops += 2 * size * size * cin * model.num_classes
   return float(flops)

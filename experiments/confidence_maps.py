@@ -36,8 +36,11 @@ import numpy as np
 
 from nin_jax import cli
 from nin_jax import config_lib
+from nin_jax import datasets
+from nin_jax import holdouts
 from nin_jax import inference
 from nin_jax import input_pipeline
+from nin_jax import sources
 
 MAX_CLASSES = 10   # Maps per row; more classes: the highest-scoring ones.
 CELL_INCHES = 1.25  # Side of one image or map in the figure.
@@ -86,11 +89,12 @@ def class_maps_fn(trained: inference.TrainedModel
 def _raw_split(c: Any, split: str) -> tuple[np.ndarray, np.ndarray]:
   """Unnormalized images [n, h, w, c] and labels [n] of an in-memory split,
   in the order `input_pipeline.load_split` gives them."""
+  spec = datasets.lookup(c.data.dataset)
   if split == 'test':
-    x, y, _ = input_pipeline.load_raw_test(c.data)
+    x, y, _ = sources.load_raw_test(c.data, spec)
     return x, y
-  x_train, y_train, x_eval, y_eval, _ = input_pipeline.split_raw(
-      c.data, input_pipeline.load_raw(c.data))
+  x_train, y_train, x_eval, y_eval, _ = holdouts.split_raw(
+      c.data, spec, sources.load_raw(c.data, spec))
   return (x_train, y_train) if split == 'train' else (x_eval, y_eval)
 
 
@@ -103,7 +107,8 @@ def load_examples(trained: inference.TrainedModel, split: str,
   data_dir, if the data moved."""
   c = trained.config.copy_and_resolve_references()
   c.data.update(config_overrides)
-  data, normalize = inference.eval_split(c, trained.spec, split)
+  data, normalize = inference.eval_split(c, datasets.lookup(c.data.dataset),
+                                         trained.inputs, split)
   indices = np.arange(min(num_images, len(data)))
   reader = data.open()
   try:
@@ -237,7 +242,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   source = inference.read_source(args.workdir)
   model = (f'{source}, imported' if source else
            f'{args.workdir}, step {trained.step}')
-  fig = plot(result, trained.spec.class_names, trained.spec.fitted.max_value,
+  fig = plot(result, trained.inputs.class_names, trained.inputs.fitted.max_value,
              f'{model}: class confidence maps '
              f'({args.split or "evaluation"} split)', args.max_classes)
   fig.savefig(args.out, dpi=DPI)

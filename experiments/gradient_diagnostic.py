@@ -45,10 +45,14 @@ from absl import logging
 
 from experiments import finetune_author
 from experiments import provenance
+from nin_jax import augmentation
+from nin_jax import batching
 from nin_jax import caffe_zoo
 from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import input_pipeline
+from nin_jax import model_factory
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
 from nin_jax import runtime
@@ -109,11 +113,12 @@ def batch_gradients(c: Any, params: Any, batches: Iterable[dict[str, Any]]
                     ) -> Iterable[Any]:
   """The gradient of `train.train_step`'s loss for each batch, dropout keys
   as the trainer draws them at steps 0, 1, ... of seed c.train.seed."""
-  model = train.build_model(c.model)
+  model = model_factory.build_model(c.model)
   step = jax.jit(functools.partial(
       train.train_step, model=model, tx=keep_gradient(),
       schedule=optax.constant_schedule(c.optim.learning_rate),
-      augment_fn=input_pipeline.device_augment_fn(c.data), plateau=False,
+      augment_fn=augmentation.device_augment_fn(
+          c.data, datasets.lookup(c.data.dataset)), plateau=False,
       label_smoothing=c.train.label_smoothing))
   rng = jax.random.key_data(jax.random.key(c.train.seed))
   zeros = jax.tree.map(jnp.zeros_like, params)
@@ -131,7 +136,7 @@ def measure(c: Any, params: Any, split: Any, num_batches: int
   """decay_statistics of every kernel and bias of `params` over the first
   `num_batches` batches of the trainer's epoch-0 order."""
   batch = c.train.batch_size
-  batches = (split.read(input_pipeline.train_batch_indices(
+  batches = (split.read(batching.train_batch_indices(
       c.train.seed, i, batch, len(split))) for i in range(num_batches))
   leaves = {}
   for grads in batch_gradients(c, params, batches):
@@ -195,7 +200,7 @@ def main() -> None:
   c = finetune_author.run_config(args.npz, args.workdir, 1.0,
                                  finetune_author.RUNS['faithful'])
   dataset = input_pipeline.load_dataset(
-      c.data, models.PRESETS[c.model.preset].num_classes,
+      c.data, datasets.lookup(c.data.dataset), models.PRESETS[c.model.preset].num_classes,
       config_lib.streamed_image_size(c))
   num_batches = -(-args.images // c.train.batch_size)
   print(json.dumps({'images': num_batches * c.train.batch_size,

@@ -6,7 +6,7 @@ r"""Input pipeline speed against the train step, for CIFAR-10-shaped data.
   python -m experiments.input_benchmark --source=imagenet  # streamed JPEGs
 
 Rows:
-  train_batches  `input_pipeline.train_batches`: host gather of each global
+  train_batches  `batching.train_batches`: host gather of each global
                  batch from the in-memory float32 split + device put.
   tfds_read      `tfds_source.load_arrays` on an array_record copy of
                  --tfds_images of the same images written here (read + PNG
@@ -41,7 +41,9 @@ import numpy as np
 from absl import logging
 
 from experiments import provenance
+from nin_jax import batching
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import readers
 from nin_jax import preprocessing
@@ -67,10 +69,10 @@ def load_images(source: str, npz: str, n: int
           rng.integers(0, 10, n).astype(np.int32))
 
 
-def time_train_batches(split: input_pipeline.Split, batch_size: int,
+def time_train_batches(split: batching.Split, batch_size: int,
                        num_batches: int, sharding) -> float:
   """Seconds per global batch of `train_batches` (gather + device put)."""
-  batches = input_pipeline.train_batches(split, 0, batch_size, 0, sharding)
+  batches = batching.train_batches(split, 0, batch_size, 0, sharding)
   for _ in range(5):
     jax.block_until_ready(next(batches))
   start = time.perf_counter()
@@ -87,17 +89,18 @@ def time_tfds_read(images: np.ndarray, labels: np.ndarray) -> float:
                                  {'train': (images, labels),
                                   'test': (images[:10], labels[:10])})
     start = time.perf_counter()
-    arrays = tfds_source.load_arrays('cifar10', data_dir)
+    arrays = tfds_source.load_arrays(datasets.lookup('tfds:cifar10'),
+                                     data_dir)
     seconds = time.perf_counter() - start
   assert np.array_equal(arrays['train'].images, images)
   return seconds / (len(labels) + 10)
 
 
 def time_train_step(batch_size: int, num_steps: int, trainer: train.Trainer,
-                    split: input_pipeline.Split) -> float:
+                    split: batching.Split) -> float:
   """Seconds per compiled train step on device-resident batches."""
   state = trainer.state
-  batches = input_pipeline.train_batches(split, 0, batch_size, 0,
+  batches = batching.train_batches(split, 0, batch_size, 0,
                                          trainer.data_sharding)
   batch_list = [next(batches) for _ in range(num_steps + 2)]
   batches.close()
@@ -153,14 +156,15 @@ def imagenet_main(args: argparse.Namespace) -> dict:
                                  {'train': (images, labels),
                                   'validation': (images, labels)})
     c.data.data_dir = data_dir
-    dataset = input_pipeline.load_dataset(c.data, 1000)
+    dataset = input_pipeline.load_dataset(
+        c.data, datasets.lookup(c.data.dataset), 1000)
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     batch = args.batch_size
     train_rate = time_stream(  # Two epochs: nothing is cached between them.
-        input_pipeline.train_batches(dataset.train, 0, batch, 0, sharding),
+        batching.train_batches(dataset.train, 0, batch, 0, sharding),
         2 * (n // batch) - 1, batch)
     eval_rate = time_stream(  # The padded last batch decodes whole too.
-        input_pipeline.eval_batches(dataset.eval, batch, sharding),
+        batching.eval_batches(dataset.eval, batch, sharding),
         -(-n // batch) - 1, batch)
   return {'source': 'imagenet', 'num_images': n, 'image': [375, 500],
           'crop': c.data.image_size, 'batch_size': args.batch_size,
@@ -205,7 +209,7 @@ def cifar_main(args: argparse.Namespace) -> dict:
   """Rates of the in-memory CIFAR-10 input side and of the train step."""
   images, labels = load_images(args.source, args.npz, args.num_images)
   scaled, _ = preprocessing.preprocess(images, images[:1], 'scale', 255.0)
-  split = input_pipeline.Split(scaled, labels)
+  split = batching.Split(scaled, labels)
   c = config_lib.sibling_config(str(REPO / 'configs' / 'x'), 'cifar10.py')
   c.train.batch_size = args.batch_size
   trainer = train.create_trainer(c, (32, 32, 3), len(labels))

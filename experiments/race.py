@@ -329,8 +329,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.data is None:
       args.data = default_data(c)
       c = build_config(args)
-    from nin_jax import train  # Validates before anything runs.
-    train.validate_config(c)
+    from nin_jax import validation  # Checks before anything runs.
+    validation.validate_config(c)
     frameworks = FRAMEWORKS if args.framework == 'both' else (args.framework,)
     if 'torch' in frameworks:
       race_plan.check_supported(c)

@@ -8,7 +8,7 @@ is not installed:
   learning_rates   the base learning rate of every step, from nin-jax's own
                    schedule function
   augment          translation with zero padding, then a horizontal flip with
-                   probability 1/2 (as `input_pipeline.augment`)
+                   probability 1/2 (as `augmentation.augment`)
   train_batch      nin-jax's global batch of a step, augmented as the config
                    says
 """
@@ -18,8 +18,9 @@ from __future__ import annotations
 import ml_collections
 import numpy as np
 
+from nin_jax import augmentation
+from nin_jax import batching
 from nin_jax import datasets
-from nin_jax import input_pipeline
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
 
@@ -77,14 +78,15 @@ def augment(images: np.ndarray, rng: np.random.Generator, translate: int,
                 cols[:, None, :]]
 
 
-def train_batch(c: ml_collections.ConfigDict, split: input_pipeline.Split,
+def train_batch(c: ml_collections.ConfigDict, split: batching.Split,
                 step: int) -> tuple[np.ndarray, np.ndarray]:
   """Global batch `step` (nin-jax's indices), augmented as the config says."""
-  idx = input_pipeline.train_batch_indices(c.train.seed, step,
+  idx = batching.train_batch_indices(c.train.seed, step,
                                            c.train.batch_size, len(split))
   images, labels = split.images[idx], split.labels[idx]
   if c.data.augment:
     rng = np.random.default_rng([c.train.seed, step])
     images = augment(images, rng, c.data.translate_pixels,
-                     input_pipeline.flip_allowed(c.data))
+                     augmentation.flip_allowed(
+                         c.data, datasets.lookup(c.data.dataset)))
   return images, labels

@@ -55,11 +55,14 @@ from absl import logging
 from experiments import finetune_author
 from experiments import gradient_diagnostic
 from experiments import provenance
+from nin_jax import batching
 from nin_jax import caffe_model
 from nin_jax import caffe_zoo
 from nin_jax import checkpoints
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import input_pipeline
+from nin_jax import model_factory
 from nin_jax import models
 from nin_jax import runtime
 from nin_jax import train
@@ -183,13 +186,13 @@ def profile(model: models.NiN, params: Any, images: np.ndarray
 def probe_model(c: Any) -> models.NiN:
   """The config's model with the class maps' ReLU off, so that the class
   maps it sows are their pre-activations."""
-  return train.build_model(c.model).clone(final_relu=False)
+  return model_factory.build_model(c.model).clone(final_relu=False)
 
 
 def measure_starts(c: Any, author: Any, images: np.ndarray,
                    zoo_stds: dict[str, float]) -> dict[str, Any]:
   """profile() of the trained weights and of each init and seed."""
-  model, probe = train.build_model(c.model), probe_model(c)
+  model, probe = model_factory.build_model(c.model), probe_model(c)
   shape = images.shape[1:]
   starts = {'trained': [profile(probe, author, images)]}
   same = all(abs(s - models.FAITHFUL_STDDEV) < 1e-6 for s in zoo_stds.values())
@@ -234,7 +237,7 @@ def batch_indices(order: str, seed: int, step: int, n: int) -> np.ndarray:
   batch = finetune_author.BATCH
   if order == 'sequential':
     return (step * batch + np.arange(batch)) % n
-  return input_pipeline.train_batch_indices(seed, step, batch, n)
+  return batching.train_batch_indices(seed, step, batch, n)
 
 
 def run_trial(name: str, trainer: train.Trainer, c: Any, split: Any,
@@ -244,7 +247,7 @@ def run_trial(name: str, trainer: train.Trainer, c: Any, split: Any,
   start: per-step loss, accuracy and logit spread, and the class maps'
   positive fraction every PROBE_EVERY steps."""
   seed, scale, order = trial_start(name)
-  model = train.build_model(c.model)
+  model = model_factory.build_model(c.model)
   params = scale_kernels(
       train.init_variables(model, images.shape[1:], seed)['params'], scale)
   like = trainer.state
@@ -404,7 +407,7 @@ def main() -> None:
   c = finetune_author.run_config(args.npz, '', 1.0,
                                  {'optim.learning_rate': LEARNING_RATE})
   dataset = input_pipeline.load_dataset(
-      c.data, models.PRESETS[c.model.preset].num_classes,
+      c.data, datasets.lookup(c.data.dataset), models.PRESETS[c.model.preset].num_classes,
       config_lib.streamed_image_size(c))
   images = dataset.train.images[:PROBE_IMAGES]
   author = checkpoints.read_weights(

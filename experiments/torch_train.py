@@ -5,7 +5,7 @@ mirrors what the config says, so both frameworks run one recipe:
   data      nin-jax's own loading and preprocessing (`input_pipeline.load_dataset`),
             and its batch order (`train_batch_indices`: the same images per step)
   augment   translation by up to data.translate_pixels with zero padding, then
-            a horizontal flip with probability 1/2 (as `input_pipeline.augment`)
+            a horizontal flip with probability 1/2 (as `augmentation.augment`)
   model     experiments/torch_nin.TorchNiN of config.model (channels-last)
   loss      cross-entropy with train.label_smoothing
   optimizer SGD (Nesterov if optim.optimizer says so) with per-group learning
@@ -36,6 +36,8 @@ from torch import nn
 from experiments import common
 from experiments import race_plan
 from experiments import torch_nin
+from nin_jax import batching
+from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import models
 
@@ -79,7 +81,7 @@ def to_torch(images: np.ndarray) -> torch.Tensor:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, split: input_pipeline.Split, batch_size: int,
+def evaluate(model: nn.Module, split: batching.Split, batch_size: int,
              flip: bool) -> dict[str, float]:
   """Loss, accuracy and error of `model` over every example of `split`."""
   model.eval()
@@ -133,7 +135,7 @@ def create_trainer(c: ml_collections.ConfigDict, num_train_examples: int,
       param_groups(model, c.optim), lr=c.optim.learning_rate,
       momentum=c.optim.momentum,
       nesterov=c.optim.optimizer == 'nesterov' and c.optim.momentum > 0)
-  steps_per_epoch = input_pipeline.steps_per_epoch(num_train_examples,
+  steps_per_epoch = batching.steps_per_epoch(num_train_examples,
                                                    c.train.batch_size)
   return Trainer(c, model, optimizer,
                  race_plan.learning_rates(c.optim, steps_per_epoch,
@@ -171,7 +173,8 @@ def train_and_evaluate(c: ml_collections.ConfigDict, num_steps: int,
   """
   race_plan.check_supported(c)
   spec = models.PRESETS[c.model.preset]
-  dataset = input_pipeline.load_dataset(c.data, spec.num_classes)
+  dataset = input_pipeline.load_dataset(
+      c.data, datasets.lookup(c.data.dataset), spec.num_classes)
   trainer = create_trainer(c, len(dataset.train), num_steps)
   curve, losses, trained = [], [], 0.0
   for step in range(num_steps):

@@ -36,10 +36,10 @@ from nin_jax import checkpoints
 from nin_jax import config_lib
 from nin_jax import datasets
 from nin_jax import inference
-from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import models
 from nin_jax import preprocessing
+from nin_jax import sources
 from nin_jax import train
 from nin_jax.errors import DataError
 
@@ -207,9 +207,10 @@ def imagenet_spec(mean_file: Optional[str], mean_pixel: Sequence[float],
 def cifar10_spec(c: ml_collections.ConfigDict,
                  names: Optional[tuple[str, ...]]) -> input_spec.InputSpec:
   """GCN + ZCA fitted on the training split of `c.data.dataset`, RGB."""
-  raw = input_pipeline.load_raw(c.data)
-  spec = models.PRESETS['cifar10']
-  shape = (spec.image_size, spec.image_size, spec.channels)
+  spec = datasets.lookup(c.data.dataset)
+  raw = sources.load_raw(c.data, spec)
+  preset = models.PRESETS['cifar10']
+  shape = (preset.image_size, preset.image_size, preset.channels)
   if raw.x_train.shape[1:] != shape:
     raise DataError(
         f'{c.data.dataset}: images of shape {raw.x_train.shape[1:]}; the '
@@ -218,7 +219,7 @@ def cifar10_spec(c: ml_collections.ConfigDict,
                              c.data.cache_dir or None)
   return input_spec.InputSpec(
       fitted, shape,
-      names or input_pipeline.class_names(c.data, spec.num_classes))
+      names or sources.class_names(c.data, spec, preset.num_classes))
 
 
 def read_class_names(path: Optional[str],

@@ -113,13 +113,9 @@ def load_config_spec(spec: str) -> ml_collections.ConfigDict:
 
 
 def unknown_field_message(field: str, arg: str, fields: Sequence[str]) -> str:
-  """One line for `arg` (--config.FIELD=...) naming no field of the config:
-  the field's new name if it moved into a subtree, else the nearest names."""
-  moved = config_lib.moved_fields().get(field)
-  if moved is not None and moved in fields:
-    return (f'{arg}: the field is config.{moved} (fields are grouped as '
-            f'{", ".join(config_lib.SUBTREES)}); use --config.{moved}='
-            f'{arg.partition("=")[2] or "..."}')
+  """One line for `arg` (--config.FIELD=...) naming no field of the config,
+  and the nearest names (a subtree's field given without its group: the
+  dotted name)."""
   near = config_lib.nearest_names(field, fields)
   hint = (f'did you mean {", ".join("--config." + f for f in near)}?'
           if near else 'the fields are listed in nin_jax/config_lib.py '

@@ -1,18 +1,17 @@
 """The experiment config: its layout, defaults and the checks across subtrees.
 
 A config has five subtrees, each read (and validated) by the module that owns
-it: `data` (input_pipeline), `model` (models, conv_select), `optim`
-(optimizer), `train` (train: batch, length, logging, checkpoints) and
-`runtime` (runtime). Every config in `configs/` starts from
-`default_config()` and changes a few fields. `check_fields` checks the
-layout and types, the `check_*` functions below the checks that span
-subtrees; `train.validate_config` runs them all, before anything is compiled,
+it: `data` (input_pipeline), `model` (model_factory, conv_select), `optim`
+(optimizer), `train` (train; its checks in validation) and `runtime`
+(runtime). Every config in `configs/` starts from `default_config()` and
+changes a few fields. `check_fields` checks the layout and types, the
+`check_*` functions below the checks that span subtrees;
+`validation.validate_config` runs them all, before anything is compiled,
 loaded or written, and each error names the offending field.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
 import os
@@ -40,7 +39,7 @@ def default_config() -> ml_collections.ConfigDict:
   d.dataset = 'tfds:cifar10'
   d.data_dir = ''                 # TFDS data_dir ('' = TFDS default).
   d.cache_dir = ''                # ZCA statistics cache ('' = $XDG_CACHE_HOME/nin_jax or ~/.cache/nin_jax).
-  d.preprocessing = 'scale'       # One of input_pipeline.PREPROCESSING.
+  d.preprocessing = 'scale'       # One of preprocessing.METHODS.
   d.validation_split = False      # Hold out the paper's validation set.
   d.use_extra_split = False       # SVHN: train on train + extra (the paper).
   d.max_train_examples = 0        # >0: train on the first N examples only.
@@ -112,28 +111,6 @@ def default_config() -> ml_collections.ConfigDict:
   return c
 
 
-def moved_fields() -> dict[str, str]:
-  """Flat field name -> its dotted name (e.g. 'dataset' -> 'data.dataset'),
-  for every field of a subtree (the flat layout before the subtrees)."""
-  default = default_config()
-  return {leaf: f'{group}.{leaf}' for group in SUBTREES
-          for leaf in default[group].keys()}
-
-
-def upgrade(saved: dict[str, Any]) -> dict[str, Any]:
-  """A config.json written with the flat layout, in today's layout.
-
-  Workdirs written before the subtrees keep loading: their flat fields move
-  to the subtree that now holds them.
-  """
-  saved = copy.deepcopy(saved)
-  moved = moved_fields()
-  for name in [k for k in saved if k not in SUBTREES and k in moved]:
-    group, leaf = moved[name].split('.')
-    saved.setdefault(group, {})[leaf] = saved.pop(name)
-  return saved
-
-
 def streamed_image_size(c: ml_collections.ConfigDict) -> int:
   """Side of a streamed dataset's square crops: data.image_size, else the
   preset's."""
@@ -155,29 +132,20 @@ def field_names(config: Any, prefix: str = '', groups: bool = True
 
 
 def nearest_names(name: str, fields: Sequence[str], n: int = 3) -> list[str]:
-  """The fields spelt most like `name` (whole dotted names and last parts)."""
-  moved = moved_fields().get(name)
-  if moved is not None:
-    return [moved]
-  close = difflib.get_close_matches(name, fields, n=n, cutoff=0.6)
+  """The fields spelt most like `name` (whole dotted names and last parts);
+  only the fields whose last part is `name`'s, where there are such (a field
+  given in the wrong group or none)."""
   by_last_part = {}
   for field in fields:
     by_last_part.setdefault(field.rsplit('.', 1)[-1], []).append(field)
+  same = by_last_part.get(name.rsplit('.', 1)[-1], [])
+  if same:
+    return same[:n]
+  close = difflib.get_close_matches(name, fields, n=n, cutoff=0.6)
   last = difflib.get_close_matches(name.rsplit('.', 1)[-1], by_last_part,
                                    n=n, cutoff=0.75)
   return list(dict.fromkeys(
       close + [f for part in last for f in by_last_part[part]]))[:n]
-
-
-def moved_message(name: str) -> Optional[str]:
-  """'config.NAME is config.GROUP.NAME ...' for a flat field name (the
-  layout before the subtrees, or a subtree's field given without it)."""
-  moved = moved_fields().get(name)
-  if moved is None:
-    return None
-  return (f'config.{name}: the field is config.{moved} (fields are grouped '
-          f'as {", ".join(SUBTREES)}); write --config.{moved}=... or '
-          f'c.{moved} = ... in a config file.')
 
 
 def _type_name(value) -> str:
@@ -216,12 +184,11 @@ def check_fields(c: ml_collections.ConfigDict,
   for key, value in c.items():
     name = prefix + key
     if key not in default:
-      moved = moved_message(name)
-      if moved is not None:
-        raise ConfigError(moved)
-      near = nearest_names(key, list(default.keys()))
-      hint = (f'did you mean {", ".join(prefix + n for n in near)}?' if near
-              else 'see default_config() in nin_jax/config_lib.py.')
+      near = [f for f in field_names(default_config(), groups=False)
+              if f.rsplit('.', 1)[-1] == key] or [
+                  prefix + n for n in nearest_names(key, list(default.keys()))]
+      hint = (f'did you mean {", ".join("config." + n for n in near)}?'
+              if near else 'see default_config() in nin_jax/config_lib.py.')
       raise ConfigError(f'config.{name}: no such field; {hint}')
     expected = default[key]
     if isinstance(expected, ml_collections.ConfigDict):
@@ -250,12 +217,13 @@ def check_devices(c: ml_collections.ConfigDict, num_devices: int) -> None:
            f'{max(1, value // num_devices) * num_devices})')
 
 
-def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
+def check_image_size(c: ml_collections.ConfigDict,
+                     spec: datasets.DatasetSpec, height: int, width: int,
                      channels: int) -> None:
   """Raises ConfigError if the preset cannot pool an input of this size down,
   or the translation would shift it out of the frame."""
   del channels
-  streamed = datasets.lookup(c.data.dataset).streamed
+  streamed = spec.streamed
   if c.data.augment and not streamed:
     _check(c.data.translate_pixels < min(height, width),
            'data.translate_pixels',
@@ -273,19 +241,21 @@ def check_image_size(c: ml_collections.ConfigDict, height: int, width: int,
           f'{_min_input_size(blocks)} pixels); {fix}.')
 
 
-def check_eval_flip(c: ml_collections.ConfigDict) -> None:
+def check_eval_flip(c: ml_collections.ConfigDict,
+                    spec: datasets.DatasetSpec) -> None:
   """Raises ConfigError if test-time flips are asked for on a dataset whose
   classes a mirror image changes (digits)."""
-  _check(not c.train.eval_flip or datasets.lookup(c.data.dataset).flip,
+  _check(not c.train.eval_flip or spec.flip,
          'train.eval_flip', c.train.eval_flip,
          f'{c.data.dataset} is a digit dataset, whose mirror images are not '
          'its classes; set it False')
 
 
-def check_num_classes(c: ml_collections.ConfigDict) -> None:
+def check_num_classes(c: ml_collections.ConfigDict,
+                      spec: datasets.DatasetSpec) -> None:
   """Raises ConfigError if the dataset's class count is known and is not the
   number of class maps the preset makes (caught before any data is read)."""
-  have = datasets.lookup(c.data.dataset).num_classes
+  have = spec.num_classes
   makes = models.PRESETS[c.model.preset].num_classes
   if have is not None and have != makes:
     fits = sorted(name for name, preset in models.PRESETS.items()

@@ -2,9 +2,9 @@
 
 The one place that may import a convolution plugin, and only lazily, so
 `models`, `config_lib` and `train` stay free of it:
-- 'xla': `models.Conv` (XLA's convolutions, 1 x 1 ones as a dot).
+- 'xla': `layers.Conv` (XLA's convolutions, 1 x 1 ones as a dot).
 - 'auto': the oneDNN plugin's module (nin_jax.plugins.onednn, the `cpu`
-  extra) when it loads, else `models.Conv`. The plugin itself uses XLA's
+  extra) when it loads, else `layers.Conv`. The plugin itself uses XLA's
   convolution wherever it cannot run oneDNN (other backends, strided layers,
   float16, bfloat16 on CPUs without it, meshes with Explicit axes).
 - 'onednn': the plugin's module, raising `OneDnnUnavailable` if it cannot
@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 from absl import logging
 
-from nin_jax import models
+from nin_jax import layers
 from nin_jax.errors import ConfigError, check
 
 IMPLS = ('auto', 'xla', 'onednn')
@@ -64,15 +64,15 @@ def conv_module(impl: str) -> Any:
   if impl not in IMPLS:
     raise ValueError(f'conv_impl must be one of {IMPLS}, got {impl!r}.')
   if impl == 'xla':
-    return models.Conv
+    return layers.Conv
   reason = onednn_unavailable_reason()
   if reason is not None:
     if impl == 'auto':
       logging.info("conv_impl='auto': oneDNN unavailable (%s); using XLA's "
                    'convolutions.', reason.rstrip('.'))
-      return models.Conv
+      return layers.Conv
     onednn = _onednn()
     raise (onednn.OneDnnUnavailable if onednn else RuntimeError)(reason)
   logging.info("conv_impl=%r: oneDNN convolutions on the CPU backend "
                '(nin_jax.plugins.onednn).', impl)
-  return _onednn().conv_module(fallback=models.conv_general_dilated)
+  return _onednn().conv_module(fallback=layers.conv_general_dilated)

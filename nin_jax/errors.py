@@ -14,6 +14,10 @@ class DataError(ValueError):
   """A dataset file or directory cannot be used; the message says why and how."""
 
 
+class NonFiniteError(FloatingPointError):
+  """The loss or gradient became NaN or Inf."""
+
+
 def check(ok: bool, field: str, value: object, expected: str) -> None:
   """Raises ConfigError 'config.FIELD=VALUE: EXPECTED.' unless `ok`; `field`
   is the dotted name (e.g. 'train.batch_size')."""
@@ -21,9 +25,9 @@ def check(ok: bool, field: str, value: object, expected: str) -> None:
     raise ConfigError(f'config.{field}={value!r}: {expected}.')
 
 
-def check_count(value: object, field: str, zero_means: str = '') -> None:
-  """Raises ConfigError unless `value` is a positive integer (or, given
-  `zero_means`, a non-negative one, 0 meaning that)."""
+def check_count(field: str, value: object, zero_means: str = '') -> None:
+  """Raises ConfigError unless `value` of `field` is a positive integer (or,
+  given `zero_means`, a non-negative one, 0 meaning that)."""
   if zero_means:
     check(isinstance(value, int) and value >= 0, field, value,
           f'must be a non-negative integer (0 = {zero_means})')

@@ -24,6 +24,7 @@ import numpy as np
 from etils import epath
 from PIL import Image
 
+from nin_jax import batching
 from nin_jax import checkpoints
 from nin_jax import cloud_storage
 from nin_jax import config_lib
@@ -31,10 +32,12 @@ from nin_jax import conv_select
 from nin_jax import datasets
 from nin_jax import input_pipeline
 from nin_jax import input_spec
+from nin_jax import model_factory
 from nin_jax import models
 from nin_jax import preprocessing
 from nin_jax import streaming
 from nin_jax import train
+from nin_jax.errors import DataError
 
 EXPORT_PLATFORMS = ('cpu', 'cuda', 'rocm', 'tpu')
 PREDICT_BATCH = 32  # Images per compiled call (the last batch is padded).
@@ -48,18 +51,17 @@ class WorkdirError(config_lib.ConfigError):
 
 @dataclasses.dataclass(frozen=True)
 class TrainedModel:
-  """A model restored from a workdir: its `config`, input `spec`, the flax
+  """A model restored from a workdir: its `config`, its `inputs` (input_spec), the flax
   `model` and its `variables` ({'params', 'batch_stats'}, NumPy) at `step`."""
   config: ml_collections.ConfigDict
-  spec: input_spec.InputSpec
+  inputs: input_spec.InputSpec
   model: models.NiN
   variables: dict[str, Any]
   step: int
 
 
 def read_config(workdir: str) -> ml_collections.ConfigDict:
-  """WORKDIR/config.json over the defaults (fields added since keep theirs;
-  a flat config.json of the layout before the subtrees is upgraded)."""
+  """WORKDIR/config.json over the defaults (fields it lacks keep theirs)."""
   cloud_storage.check_workdir(workdir, write=False)
   path = epath.Path(workdir) / 'config.json'
   if not path.exists():
@@ -67,7 +69,7 @@ def read_config(workdir: str) -> ml_collections.ConfigDict:
                        f'nin-jax workdir (python -m nin_jax.main or '
                        f'nin_jax.caffe_import write one).')
   c = config_lib.default_config()
-  c.update(config_lib.upgrade(json.loads(path.read_text())))
+  c.update(json.loads(path.read_text()))
   return c
 
 
@@ -91,21 +93,22 @@ def read_variables(workdir: str, step: Optional[int] = None
 def load(workdir: str, step: Optional[int] = None) -> TrainedModel:
   """The model of `workdir` at its newest checkpoint (or `step`)."""
   c = read_config(workdir)
-  spec = input_spec.load(workdir)
+  inputs = input_spec.load(workdir)
   step, variables = read_variables(workdir, step)
-  return TrainedModel(c, spec, train.build_model(c.model), variables, step)
+  return TrainedModel(c, inputs, model_factory.build_model(c.model),
+                      variables, step)
 
 
 def probabilities_fn(trained: TrainedModel, conv_impl: str = 'xla'
                      ) -> Callable[[Any, jax.Array], jax.Array]:
   """`fn(variables, images)`: class probabilities [batch, classes] of images
   [batch, height, width, channels] in the dataset's pixel units (uint8, or
-  float), normalized as in training (the spec's statistics) inside, and
+  float), normalized as in training (the input spec's statistics) inside, and
   averaged with the mirror image's if the run evaluated so
   (config.train.eval_flip). `conv_impl` 'xla' keeps every convolution a plain
   XLA op (portable)."""
   model = trained.model.clone(conv=conv_select.conv_module(conv_impl))
-  normalize = preprocessing.normalizer(trained.spec.fitted)
+  normalize = preprocessing.normalizer(trained.inputs.fitted)
   flip = trained.config.train.eval_flip
 
   def fn(variables: Any, images: jax.Array) -> jax.Array:
@@ -117,49 +120,49 @@ def probabilities_fn(trained: TrainedModel, conv_impl: str = 'xla'
   return fn
 
 
-def load_image(path: str, spec: input_spec.InputSpec) -> np.ndarray:
+def load_image(path: str, inputs: input_spec.InputSpec) -> np.ndarray:
   """An image file (PNG, JPEG, anything Pillow reads; grayscale or colour, any
   size) as the model's input: float32 [height, width, channels] in the
   dataset's pixel units. It is converted to the model's channels (colour to
   grayscale by ITU-R 601 luma, grayscale to colour by copying), its central
-  crop (`spec.crop_fraction`, square or not) resized bilinearly to the
+  crop (`inputs.crop_fraction`, square or not) resized bilinearly to the
   model's size, and 8-bit values mapped onto the dataset's range (0..16 for
   scikit-learn's digits). Raises OSError (or ValueError) if unreadable."""
-  height, width, channels = spec.image_shape
+  height, width, channels = inputs.image_shape
   with Image.open(path) as image:
     image = image.convert('L' if channels == 1 else 'RGB')
     top, left, h, w = streaming.central_crop(
-        image.height, image.width, spec.crop_fraction, spec.square_crop)
+        image.height, image.width, inputs.crop_fraction, inputs.square_crop)
     image = image.resize((width, height), Image.Resampling.BILINEAR,
                          box=(left, top, left + w, top + h))
     pixels = np.asarray(image, np.float32).reshape(height, width, channels)
-  return pixels * np.float32(spec.fitted.max_value / 255.0)
+  return pixels * np.float32(inputs.fitted.max_value / 255.0)
 
 
 # -------------------------------------------------------------- commands --
 
-def eval_split(c: ml_collections.ConfigDict, spec: input_spec.InputSpec,
-               split: str = '') -> tuple[input_pipeline.AnySplit,
-                                          Optional[Callable]]:
+def eval_split(c: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
+               inputs: input_spec.InputSpec, split: str = ''
+               ) -> tuple[batching.AnySplit, Optional[Callable]]:
   """(split, device normalization or None) to evaluate: in-memory splits are
   normalized on the host with the saved statistics, streamed ones on device
-  and cropped as the spec says."""
-  if not datasets.lookup(c.data.dataset).streamed:
+  and cropped as `inputs` says."""
+  if not spec.streamed:
     split = split or ('validation' if c.data.validation_split else 'test')
-    return input_pipeline.load_split(c.data, split, spec.fitted,
-                                     spec.num_classes), None
-  dataset = input_pipeline.load_streamed(c.data, spec.num_classes,
-                                         spec.image_shape[0])
+    return input_pipeline.load_split(c.data, spec, split, inputs.fitted,
+                                     inputs.num_classes), None
+  dataset = input_pipeline.load_streamed(c.data, spec, inputs.num_classes,
+                                         inputs.image_shape[0])
   streams = {dataset.eval_name: dataset.eval,
              'train': dataset.train}
   if (split or dataset.eval_name) not in streams:
-    raise input_pipeline.DataError(
+    raise DataError(
         f'{c.data.dataset} has splits {sorted(streams)} to evaluate, not '
         f'{split!r}.')
   stream = dataclasses.replace(
       streams[split or dataset.eval_name], augment=False,
-      crop_fraction=spec.crop_fraction, square_crop=spec.square_crop)
-  return stream, preprocessing.normalizer(spec.fitted)
+      crop_fraction=inputs.crop_fraction, square_crop=inputs.square_crop)
+  return stream, preprocessing.normalizer(inputs.fitted)
 
 
 def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
@@ -176,9 +179,10 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
   c.data.update(data_overrides)
   if flip is not None:
     c.train.eval_flip = bool(flip)
-  config_lib.check_eval_flip(c)
-  config_lib.check_num_classes(c)
-  data, normalize_fn = eval_split(c, trained.spec, split)
+  spec = datasets.lookup(c.data.dataset)
+  config_lib.check_eval_flip(c, spec)
+  config_lib.check_num_classes(c, spec)
+  data, normalize_fn = eval_split(c, spec, trained.inputs, split)
   mesh = train.create_mesh()
   replicated = NamedSharding(mesh, P())
   eval_fn = train.compile_eval_step(trained.model, mesh, replicated,
@@ -189,7 +193,7 @@ def evaluate(workdir: str, step: Optional[int] = None, split: str = '',
       rng=None), replicated)
   devices = mesh.devices.size
   batch_size = math.ceil(c.train.eval_batch_size / devices) * devices
-  metrics = train.evaluate(eval_fn, state, input_pipeline.eval_batches(
+  metrics = train.evaluate(eval_fn, state, batching.eval_batches(
       data, batch_size, NamedSharding(mesh, P(train.DATA_AXIS))))
   source = read_source(workdir)
   return {**metrics, 'step': trained.step,
@@ -212,16 +216,16 @@ def classify(trained: TrainedModel, paths: Sequence[str],
   'probability'}, ...]} (most probable first), or {'path', 'error'} for a
   file that cannot be read as an image."""
   fn = jax.jit(probabilities_fn(trained))
-  top_k = min(top_k, trained.spec.num_classes)
+  top_k = min(top_k, trained.inputs.num_classes)
   for start in range(0, len(paths), PREDICT_BATCH):
     chunk = paths[start:start + PREDICT_BATCH]
     images, errors = {}, {}
     for path in chunk:
       try:
-        images[path] = load_image(path, trained.spec)
+        images[path] = load_image(path, trained.inputs)
       except (OSError, ValueError) as e:
         errors[path] = f'{path}: cannot be read as an image ({e})'
-    batch = np.zeros((PREDICT_BATCH, *trained.spec.image_shape), np.float32)
+    batch = np.zeros((PREDICT_BATCH, *trained.inputs.image_shape), np.float32)
     for row, image in enumerate(images.values()):
       batch[row] = image
     rows = (dict(zip(images, np.asarray(fn(trained.variables, batch))))
@@ -232,7 +236,7 @@ def classify(trained: TrainedModel, paths: Sequence[str],
       else:
         order = np.argsort(-rows[path], kind='stable')[:top_k]
         yield {'path': path, 'top_k': [
-            {'class': int(i), 'name': trained.spec.class_names[i],
+            {'class': int(i), 'name': trained.inputs.class_names[i],
              'probability': float(rows[path][i])} for i in order]}
 
 
@@ -250,6 +254,6 @@ def export(trained: TrainedModel,
   fn = functools.partial(probabilities_fn(trained, conv_impl='xla'),
                          trained.variables)
   batch, = jax.export.symbolic_shape('batch')
-  images = jax.ShapeDtypeStruct((batch, *trained.spec.image_shape),
+  images = jax.ShapeDtypeStruct((batch, *trained.inputs.image_shape),
                                 jnp.uint8)
   return jax.export.export(jax.jit(fn), platforms=tuple(platforms))(images)

@@ -24,16 +24,13 @@ from etils import epath
 
 from nin_jax import input_pipeline
 from nin_jax import preprocessing
+from nin_jax import sources
 from nin_jax import streaming
 from nin_jax.errors import ConfigError
 
 JSON_NAME = 'preprocessing.json'
 ARRAYS_NAME = 'preprocessing.npz'
 FORMAT_VERSION = 1
-
-
-class MissingSpecError(ConfigError):
-  """A workdir written before nin-jax saved its preprocessing."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +62,8 @@ def from_dataset(data: ml_collections.ConfigDict,
   if dataset.spec.streamed:
     crop = dict(crop_fraction=streaming.EVAL_CROP_FRACTION, square_crop=True)
   return InputSpec(dataset.fitted, tuple(dataset.image_shape),
-                   input_pipeline.class_names(data, dataset.num_classes),
+                   sources.class_names(data, dataset.spec,
+                                       dataset.num_classes),
                    **crop)
 
 
@@ -89,15 +87,14 @@ def save(workdir: str, spec: InputSpec) -> None:
 
 
 def load(workdir: str) -> InputSpec:
-  """Reads the spec saved in `workdir`; MissingSpecError if there is none."""
+  """Reads the spec saved in `workdir`; ConfigError if there is none."""
   path = epath.Path(workdir)
   if not (path / JSON_NAME).exists():
-    raise MissingSpecError(
-        f'{workdir} has no {JSON_NAME} (workdirs trained before nin-jax '
-        f'saved its preprocessing); run its training command once more, '
-        f'python -m nin_jax.main --config=CONFIG --workdir={workdir} with the '
-        f'config it was trained with (see {workdir}/config.json): it resumes '
-        f'at the last step, writes the file and trains no further.')
+    raise ConfigError(
+        f'--workdir={workdir} has no {JSON_NAME}: nin_jax.main and '
+        f'nin_jax.caffe_import write it before anything else, so this is not '
+        f'a workdir they wrote (or it was damaged); train or import into a '
+        f'new workdir.')
   settings = json.loads((path / JSON_NAME).read_text())
   with np.load(io.BytesIO((path / ARRAYS_NAME).read_bytes()),
                allow_pickle=False) as f:

@@ -16,8 +16,10 @@ from ml_collections import config_flags
 
 from nin_jax import cli
 from nin_jax import config_lib
+from nin_jax import errors
 from nin_jax import runtime
 from nin_jax import train
+from nin_jax import validation
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -38,7 +40,7 @@ def main(argv):
   cli.check_no_arguments(argv)
   logging.get_absl_handler().addFilter(runtime.QuietLibraries())
   try:
-    train.validate_config(FLAGS.config)
+    spec = validation.validate_config(FLAGS.config)
   except config_lib.ConfigError as e:
     cli.fail(str(e))
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
@@ -58,10 +60,10 @@ def main(argv):
                jax.local_device_count(), jax.device_count(),
                jax.default_backend())
   try:
-    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+    result = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, spec)
   except cli.USER_ERRORS as e:
     cli.fail(str(e))
-  except train.NonFiniteError as e:
+  except errors.NonFiniteError as e:
     cli.fail(str(e), status=3)
   logging.info('Done: %s', result)
 

@@ -33,6 +33,9 @@ GCN_MIN_DIVISOR = 1e-8
 ZCA_FILTER_BIAS = 0.1
 LCN_SIGMA = 2.0
 LCN_EPS = 1e-4
+# The methods config.data.preprocessing may name ('caffe' statistics come
+# only with an imported Caffe model).
+METHODS = ('scale', 'standardize', 'gcn_zca', 'lcn', 'none')
 # The arrays each method's statistics hold (see `Fitted`).
 STATISTICS = {'scale': (), 'none': (), 'lcn': (), 'standardize': ('mean', 'std'),
               'gcn_zca': ('zca_mean', 'zca_whiten'), 'caffe': ('mean',)}

@@ -149,4 +149,4 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
 
 def validate_config(r: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of config.runtime."""
-  check_count(r.cpu_devices, 'runtime.cpu_devices', 'automatic')
+  check_count('runtime.cpu_devices', r.cpu_devices, 'automatic')

@@ -209,7 +209,7 @@ def open_splits(spec: datasets.DatasetSpec, data_dir: Optional[str],
                 ) -> tuple[StreamSplit, StreamSplit, str]:
   """The streamed train and evaluation splits of `spec` (nothing decoded yet)
   and the evaluation split's name. `flip`: flip training crops (if augment)."""
-  sources = tfds_source.encoded_sources(spec.name, data_dir, num_classes)
+  sources = tfds_source.encoded_sources(spec, data_dir, num_classes)
   (train_name, train), (eval_name, evaluation) = sources.items()
   length = len(train)
   if max_train_examples:

@@ -121,16 +121,16 @@ def read_split(source, name: str, split: str) -> Arrays:
   return Arrays(images, labels)
 
 
-def split_names(name: str, with_extra: bool = False) -> list[str]:
+def split_names(spec: datasets.DatasetSpec, with_extra: bool = False
+                ) -> list[str]:
   """The splits read: 'train', the evaluation split, and the extra splits if
   `with_extra`."""
-  spec = datasets.lookup(f'tfds:{name}')
   splits = ['train', spec.eval_split]
   if with_extra:
     if not spec.extra_splits:
       raise DataError(
-          f'config.data.use_extra_split=True but tfds:{name} has no extra split; '
-          'set it to False.')
+          f'config.data.use_extra_split=True but tfds:{spec.name} has no '
+          'extra split; set it to False.')
     splits += spec.extra_splits
   return splits
 
@@ -145,17 +145,17 @@ def _check_splits(builder, name: str, splits: Sequence[str]) -> None:
                     f'{sorted(available)}); prepare them or use npz:PATH.')
 
 
-def load_arrays(name: str, data_dir: Optional[str] = None,
-                with_extra: bool = False,
+def load_arrays(spec: datasets.DatasetSpec, data_dir: Optional[str] = None,
                 splits: Optional[Sequence[str]] = None) -> dict[str, Arrays]:
-  """Reads `splits` (default: 'train', 'test', and 'extra' if `with_extra`)
-  into memory."""
-  if datasets.lookup(f'tfds:{name}').streamed:
+  """Reads `splits` (default: 'train' and the evaluation split) of the TFDS
+  dataset `spec` into memory."""
+  name = spec.name
+  if spec.streamed:
     raise DataError(
         f'config.data.dataset=tfds:{name} does not fit in host memory: it is '
         f'streamed batch by batch (streaming.py), never read whole.')
   builder = open_builder(name, data_dir)
-  splits = list(splits or split_names(name, with_extra))
+  splits = list(splits or split_names(spec))
   _check_splits(builder, name, splits)
   sources = builder.as_data_source(split=splits)
   arrays = {}
@@ -173,19 +173,20 @@ def label_names(name: str, data_dir: Optional[str]) -> tuple[str, ...]:
   return tuple(getattr(label, 'names', None) or ())
 
 
-def encoded_sources(name: str, data_dir: Optional[str], num_classes: int,
-                    with_extra: bool = False) -> dict[str, Sequence[dict]]:
-  """Random-access sources of the splits of `name` (see `split_names`) whose
+def encoded_sources(spec: datasets.DatasetSpec, data_dir: Optional[str],
+                    num_classes: int) -> dict[str, Sequence[dict]]:
+  """Random-access sources of the splits of `spec` (see `split_names`) whose
   examples keep their images encoded: {'image': JPEG/PNG bytes, 'label': int,
   ...}. Raises DataError if the labels need more than `num_classes` classes."""
   tfds = _import_tfds()
+  name = spec.name
   builder = open_builder(name, data_dir)
   label = builder.info.features['label']
   if getattr(label, 'num_classes', 0) > num_classes:
     raise DataError(f'config.data.dataset=tfds:{name} has {label.num_classes} '
                     f'classes but the preset has {num_classes}; pick a preset '
                     f'(config.model.preset) with {label.num_classes} classes.')
-  splits = split_names(name, with_extra)
+  splits = split_names(spec)
   _check_splits(builder, name, splits)
   sources = builder.as_data_source(
       split=splits, decoders={'image': tfds.decode.SkipDecoding()})

@@ -11,10 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import json
 import math
-import signal
-import time
 from typing import Any, Callable, Optional
 
 import flax
@@ -25,32 +22,24 @@ import numpy as np
 import optax
 from absl import logging
 from etils import epath
-from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from nin_jax import augmentation
+from nin_jax import batching
 from nin_jax import checkpoints
 from nin_jax import config_lib
-from nin_jax import conv_select
+from nin_jax import datasets
+from nin_jax import hooks
 from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import metric_writers
+from nin_jax import model_factory
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
-from nin_jax import runtime
-from nin_jax.errors import check, check_count
+from nin_jax import validation
 
 DATA_AXIS = 'data'
 TOP_K = 5  # Top-5 accuracy is reported for more than TOP_K classes.
-# Fields that define the architecture: a checkpoint only fits a config that
-# agrees on all of them. The others of config.model (conv_impl, dtype) change
-# how, not what, is computed: free to differ on resume.
-ARCHITECTURE_FIELDS = {'model': ('preset', 'head', 'dropout_rate',
-                                 'head_dropout_rate', 'weight_init',
-                                 'batch_norm', 'second_pool', 'final_relu')}
-
-
-class NonFiniteError(FloatingPointError):
-  """The loss or gradient became NaN or Inf."""
 
 
 @flax.struct.dataclass
@@ -67,62 +56,6 @@ def create_mesh(devices: Optional[list] = None) -> Mesh:
   """A 1-D mesh over all (global) devices with axis 'data'."""
   devices = jax.devices() if devices is None else devices
   return Mesh(np.asarray(devices), (DATA_AXIS,))
-
-
-def build_model(m: ml_collections.ConfigDict) -> models.NiN:
-  """The NiN of config.model (`m`): its preset with the subtree's fields."""
-  return models.create_model(
-      m.preset,
-      second_pool=m.second_pool or None,
-      head=m.head,
-      dropout_rate=m.dropout_rate,
-      head_dropout_rate=m.head_dropout_rate,
-      weight_init=m.weight_init,
-      batch_norm=m.batch_norm,
-      final_relu=m.final_relu,
-      conv=conv_select.conv_module(m.conv_impl),
-      dtype=None if m.dtype == 'float32' else jnp.dtype(m.dtype))
-
-
-def validate_train_config(t: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first invalid field of config.train."""
-  for field in ('batch_size', 'eval_batch_size', 'log_every_steps',
-                'keep_checkpoints'):
-    check_count(t[field], f'train.{field}')
-  check_count(t.eval_every_steps, 'train.eval_every_steps', 'once per epoch')
-  check_count(t.checkpoint_every_steps, 'train.checkpoint_every_steps',
-              'once per epoch')
-  check_count(t.profile_steps, 'train.profile_steps', 'no trace')
-  if t.num_train_steps == -1:
-    check(t.num_epochs > 0, 'train.num_epochs', t.num_epochs,
-          'must be positive (or set train.num_train_steps)')
-  else:
-    check(isinstance(t.num_train_steps, int) and t.num_train_steps > 0,
-          'train.num_train_steps', t.num_train_steps,
-          'must be a positive integer, or -1 to use train.num_epochs')
-  check(0 <= t.seed < 2**31, 'train.seed', t.seed, 'must be in [0, 2**31)')
-  check(0 <= t.label_smoothing < 1, 'train.label_smoothing', t.label_smoothing,
-        'must be in [0, 1)')
-
-
-def validate_config(c: ml_collections.ConfigDict,
-                    num_devices: Optional[int] = None,
-                    backend: Optional[str] = None) -> None:
-  """Raises ConfigError naming the first invalid field of `c`: the layout and
-  types, each subtree by the module that reads it, then the checks across
-  subtrees. `num_devices`: the global device count the batches are split
-  over; `backend`: jax.default_backend() (None: checks needing them skip)."""
-  config_lib.check_fields(c)
-  input_pipeline.validate_config(c.data)
-  models.validate_config(c.model)
-  conv_select.check_config(c.model.conv_impl, backend)
-  optimizer_lib.validate_config(c.optim)
-  validate_train_config(c.train)
-  runtime.validate_config(c.runtime)
-  config_lib.check_eval_flip(c)
-  config_lib.check_num_classes(c)
-  if num_devices is not None:
-    config_lib.check_devices(c, num_devices)
 
 
 def init_variables(model: models.NiN, image_shape: tuple[int, ...],
@@ -256,7 +189,7 @@ def eval_step(state: TrainState, batch: dict[str, jax.Array], *,
 
 
 def evaluate(eval_fn: Callable, state: TrainState,
-             batches: input_pipeline.Batches) -> dict[str, float]:
+             batches: batching.Batches) -> dict[str, float]:
   """Loss, accuracy (and top-5 accuracy) and error over `batches` (an
   evaluation split, each example once); closes `batches`."""
   totals = None
@@ -273,20 +206,21 @@ def evaluate(eval_fn: Callable, state: TrainState,
   return {**metrics, 'error': 1.0 - accuracy, 'examples': count}
 
 
-def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
-                  tx: optax.GradientTransformation,
+def compile_steps(c: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
+                  model: models.NiN, tx: optax.GradientTransformation,
                   schedule: optimizer_lib.Schedule, mesh: Mesh,
                   state_sharding: Any) -> tuple[Callable, Callable]:
   """The jitted train and eval steps, batch sharded over 'data'.
 
-  A streamed dataset's uint8 batches are normalized inside both steps.
+  A streamed dataset's uint8 batches are normalized inside both steps
+  (`spec`: the registry's entry for c.data.dataset).
   """
   data = NamedSharding(mesh, P(DATA_AXIS))
-  normalize_fn = input_pipeline.device_normalize_fn(c.data)
+  normalize_fn = input_pipeline.device_normalize_fn(c.data, spec)
   train_fn = jax.jit(
       _under_mesh(mesh, _normalize_first(functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
-          augment_fn=input_pipeline.device_augment_fn(c.data),
+          augment_fn=augmentation.device_augment_fn(c.data, spec),
           plateau=c.optim.schedule == 'plateau',
           label_smoothing=c.train.label_smoothing), normalize_fn)),
       in_shardings=(state_sharding, data),
@@ -334,31 +268,8 @@ def num_train_steps(c: ml_collections.ConfigDict, num_examples: int) -> int:
   if c.train.num_train_steps > 0:
     return c.train.num_train_steps
   return max(1, int(math.ceil(
-      c.train.num_epochs * input_pipeline.steps_per_epoch(num_examples,
+      c.train.num_epochs * batching.steps_per_epoch(num_examples,
                                                     c.train.batch_size))))
-
-
-def check_resume_compatible(c: ml_collections.ConfigDict, workdir: str
-                            ) -> None:
-  """Raises ConfigError if WORKDIR holds checkpoints of another architecture
-  (config.json of the flat layout included)."""
-  saved_path = epath.Path(workdir) / 'config.json'
-  ckpt_dir = epath.Path(workdir) / 'checkpoints'
-  if not saved_path.exists() or not ckpt_dir.exists() or not any(
-      p.name.isdigit() for p in ckpt_dir.iterdir()):
-    return
-  saved = config_lib.upgrade(json.loads(saved_path.read_text()))
-  current = json.loads(c.to_json())
-  for group, fields in ARCHITECTURE_FIELDS.items():
-    defaults = config_lib.default_config()[group]
-    for field in fields:
-      before = saved.get(group, {}).get(field, defaults[field])
-      now = current[group][field]
-      if before != now:
-        raise config_lib.ConfigError(
-            f'--workdir={workdir} holds checkpoints of config.{group}.{field}'
-            f'={before!r} but this run has config.{group}.{field}={now!r}; '
-            f'use a new workdir or the same {group}.{field}.')
 
 
 def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
@@ -366,231 +277,6 @@ def write_config(c: ml_collections.ConfigDict, workdir: str) -> None:
     path = epath.Path(workdir)
     path.mkdir(parents=True, exist_ok=True)
     (path / 'config.json').write_text(c.to_json(indent=2, sort_keys=True))
-
-
-class _PreemptionFlag:
-  """Set by SIGTERM; the loop then checkpoints and returns."""
-
-  def __init__(self):
-    self.raised = False
-    self._previous = None
-
-  def __enter__(self):
-    if jax.process_count() > 1:
-      return self  # JAX's preemption notifier handles SIGTERM; see `check`.
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # Not the main thread: leave signals alone.
-      self._previous = None
-    return self
-
-  def check(self, step: int) -> bool:
-    """True once SIGTERM arrived; in a multi-process run, all processes agree
-    on the step (JAX's preemption sync point), so none waits in a collective
-    for the others."""
-    if jax.process_count() > 1:
-      self.raised = self.raised or multihost_utils.reached_preemption_sync_point(
-          step)
-    return self.raised
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.raised = True
-
-  def __exit__(self, *exc):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
-class StallDetector:
-  """Warns once about NiN's classic failure: the class-map ReLU dies, every
-  logit is equal and the loss sits at ln(num_classes)."""
-
-  def __init__(self, num_classes: int, patience: int = 3):
-    self.flat_loss = math.log(num_classes)
-    self.patience = patience
-    self.count = 0
-    self.warned = False
-
-  def update(self, loss: float, logit_spread: float, step: int) -> bool:
-    """Feeds one logged window: its mean loss and the batch's mean gap
-    between the largest and smallest logit; True while stalled."""
-    stalled = (abs(loss - self.flat_loss) < 0.01 * self.flat_loss and
-               logit_spread < 0.1)
-    self.count = self.count + 1 if stalled else 0
-    if self.count >= self.patience and not self.warned:
-      self.warned = True
-      logging.warning(
-          'Step %d: the loss is stuck at ln(%d) = %.4f and the logits are '
-          'all but equal: the class maps carry no signal (the classic NiN '
-          'stall, a dead ReLU on the class maps). '
-          'Remedies: lower the last layer\'s rate '
-          '(config.optim.last_layer_lr_mult=0.1), lower '
-          'config.optim.learning_rate, or use config.model.weight_init='
-          "'modern' with config.model.batch_norm=True.", step,
-          round(math.exp(self.flat_loss)), self.flat_loss)
-    return self.count >= self.patience
-
-
-class TrainLog:
-  """The log-window hook: keeps each step's metrics on device and fetches
-  the pending ones in one transfer (at log steps, and before anything is
-  evaluated or saved); writes each window's means (metrics.jsonl, TensorBoard,
-  a console line with img/s and ETA counted on training time alone); stops on
-  a non-finite step (or skips it) and warns about a stall.
-
-  Each window's record has `train_seconds`: the run's training time so far
-  (the first, compiling step included; evaluations and checkpoints not),
-  continued from `train_seconds` of the run this one resumes."""
-
-  def __init__(self, c: ml_collections.ConfigDict,
-               writer: metric_writers.MetricWriter, steps_per_epoch: int,
-               total_steps: int, num_classes: int,
-               train_seconds: float = 0.0):
-    self.c = c
-    self.writer = writer
-    self.steps_per_epoch = steps_per_epoch
-    self.total_steps = total_steps
-    self.stall = StallDetector(num_classes)
-    self.pending = []  # (step index, metrics on device)
-    self.losses, self.accuracies = [], []
-    self.clock = None  # Starts once the run's first (compiling) step is done.
-    self.timed_from = 0
-    self.paused_seconds = 0.0
-    self.train_seconds = train_seconds
-    self.started = time.perf_counter()
-    self.paused_in_run = 0.0
-
-  def record(self, done: int, metrics: dict[str, jax.Array]) -> None:
-    """Takes the metrics of the step that completed `done` steps."""
-    self.pending.append((done - 1, metrics))
-    if self.clock is None:
-      jax.block_until_ready(metrics)
-      self._restart_clock(done)
-
-  def due(self, done: int) -> bool:
-    return done % self.c.train.log_every_steps == 0 or done == self.total_steps
-
-  @contextlib.contextmanager
-  def paused(self):
-    """Time spent inside (evaluation, checkpoints) is not training time."""
-    start = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.paused_seconds += time.perf_counter() - start
-      self.paused_in_run += time.perf_counter() - start
-
-  def flush(self, done: int, last_good: str) -> None:
-    """Fetches the pending metrics; writes a window if `done` is a log step.
-    Raises NonFiniteError at the first non-finite step (unless skipping)."""
-    host = jax.device_get([m for _, m in self.pending])
-    for (index, _), m in zip(self.pending, host):
-      self._check(index, m, last_good)
-    self.pending = []
-    if self.due(done):
-      if self.losses:
-        self._write(done, host[-1])
-      self.losses, self.accuracies = [], []
-      self._restart_clock(done)
-
-  def _restart_clock(self, done: int) -> None:
-    self.clock, self.timed_from, self.paused_seconds = (
-        time.perf_counter(), done, 0.0)
-
-  def _check(self, index: int, m: dict[str, Any], last_good: str) -> None:
-    if bool(m['finite']):
-      self.losses.append(float(m['loss']))
-      self.accuracies.append(float(m['accuracy']))
-      return
-    loss, norm = float(m['loss']), float(m['grad_norm'])
-    reason = (f'loss {loss}, gradient norm {norm} is not finite'
-              if not (math.isfinite(loss) and math.isfinite(norm)) else
-              'the update overflowed the parameters, momentum or BatchNorm '
-              f'statistics (loss {loss}, gradient norm {norm})')
-    if not self.c.train.skip_nonfinite_steps:
-      raise NonFiniteError(
-          f'Step {index}: {reason}; stopped. The last good checkpoint is '
-          f'{last_good}. {nonfinite_remedies(self.c.model)}')
-    logging.warning('Step %d: %s; step skipped.', index, reason)
-
-  def _write(self, done: int, m: dict[str, Any]) -> None:
-    record = {'loss': float(np.mean(self.losses)),
-              'accuracy': float(np.mean(self.accuracies)),
-              'learning_rate': float(m['learning_rate']),
-              'grad_norm': float(m['grad_norm']),
-              'epoch': done / self.steps_per_epoch,
-              'train_seconds': self.train_seconds + (
-                  time.perf_counter() - self.started - self.paused_in_run)}
-    timed = done - self.timed_from
-    seconds = time.perf_counter() - self.clock - self.paused_seconds
-    speed = ''
-    if timed > 0 and seconds > 0:
-      record['images_per_sec'] = timed * self.c.train.batch_size / seconds
-      eta = (self.total_steps - done) * seconds / timed
-      speed = (f' {record["images_per_sec"]:.0f} img/s ETA '
-               f'{_format_eta(eta)}')
-    self.writer.write(done, 'train', record)
-    self.stall.update(record['loss'], float(m['logit_spread']), done)
-    logging.info('step %d/%d loss %.4f acc %.4f lr %.3g%s', done,
-                 self.total_steps, record['loss'], record['accuracy'],
-                 record['learning_rate'], speed)
-
-
-class Profiler:
-  """The profiling hook: a `jax.profiler` trace of `num_steps` steps (after
-  the first, compiling one) into WORKDIR/profile, for TensorBoard's profile
-  plugin or Perfetto."""
-
-  def __init__(self, workdir: str, num_steps: int, start_step: int):
-    self.logdir = str(epath.Path(workdir) / 'profile')
-    # Steps are numbered by the count they complete: the run's first step,
-    # start_step + 1, compiles and is not traced.
-    self.first = start_step + 2
-    self.last = start_step + 1 + num_steps
-    self.active = False
-    self.enabled = num_steps > 0 and jax.process_index() == 0
-
-  def before_step(self, done: int) -> None:
-    if self.enabled and done == self.first:
-      jax.profiler.start_trace(self.logdir)
-      self.active = True
-
-  def after_step(self, done: int, state: Any) -> None:
-    if self.active and done == self.last:
-      self.stop(state, done)
-
-  def stop(self, state: Any, done: int) -> None:
-    if self.active:
-      jax.block_until_ready(state)
-      jax.profiler.stop_trace()
-      self.active = False
-      logging.info('Profile of steps %d-%d written to %s.', self.first, done,
-                   self.logdir)
-
-
-def nonfinite_remedies(m: ml_collections.ConfigDict) -> str:
-  """What to change after a non-finite step, for the model of config.model
-  (`m`): only the switches it does not already use."""
-  fixes = ['lower config.optim.learning_rate']
-  if m.weight_init != 'modern':
-    fixes.append("set config.model.weight_init='modern'")
-  if not m.batch_norm:
-    fixes.append('set config.model.batch_norm=True')
-  text = ', or '.join(fixes)
-  return text[0].upper() + text[1:] + '.'
-
-
-def last_good_checkpoint(last_saved: Optional[int], workdir: str) -> str:
-  """The newest checkpoint a stopped run leaves, in words."""
-  if last_saved is None:
-    return 'none (no checkpoint was saved: the run starts over)'
-  return f'step {last_saved} in {workdir}/checkpoints'
-
-
-def _format_eta(seconds: float) -> str:
-  seconds = int(max(0, seconds))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -610,16 +296,18 @@ class Trainer:
 
 def create_trainer(c: ml_collections.ConfigDict,
                    image_shape: tuple[int, int, int], num_train_examples: int,
-                   mesh: Optional[Mesh] = None) -> Trainer:
+                   mesh: Optional[Mesh] = None,
+                   spec: Optional[datasets.DatasetSpec] = None) -> Trainer:
   """Builds the model, optimizer, replicated initial state and jitted steps.
 
-  `image_shape` [height, width, channels] of the (preprocessed) inputs.
+  `image_shape` [height, width, channels] of the (preprocessed) inputs;
+  `spec`: c.data.dataset's registry entry, if already resolved.
   """
   mesh = create_mesh() if mesh is None else mesh
+  spec = datasets.lookup(c.data.dataset) if spec is None else spec
   replicated = NamedSharding(mesh, P())
-  model = build_model(c.model)
-  per_epoch = input_pipeline.steps_per_epoch(num_train_examples,
-                                             c.train.batch_size)
+  model = model_factory.build_model(c.model)
+  per_epoch = batching.steps_per_epoch(num_train_examples, c.train.batch_size)
   total_steps = num_train_steps(c, num_train_examples)
   params_shape = jax.eval_shape(
       lambda: init_variables(model, image_shape, c.train.seed))['params']
@@ -629,29 +317,36 @@ def create_trainer(c: ml_collections.ConfigDict,
                                     tuple(image_shape)),
                   static_argnums=0, out_shardings=replicated)(c.train.seed)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  train_fn, eval_fn = compile_steps(c, model, tx, schedule, mesh,
+  train_fn, eval_fn = compile_steps(c, spec, model, tx, schedule, mesh,
                                     state_sharding)
   return Trainer(model, tx, schedule, state, train_fn, eval_fn, mesh,
                  NamedSharding(mesh, P(DATA_AXIS)), per_epoch, total_steps)
 
 
-def prepare(c: ml_collections.ConfigDict, workdir: str
+def prepare(c: ml_collections.ConfigDict, workdir: str,
+            spec: Optional[datasets.DatasetSpec] = None
             ) -> input_pipeline.Dataset:
   """Checks `c` and `workdir` and opens the dataset: every user error is
-  raised here, before anything is compiled or written."""
-  validate_config(c, jax.device_count(), jax.default_backend())
+  raised here, before anything is compiled or written. `spec`: what
+  validation.validate_config(c) returned, if it already ran (then only the
+  checks that need the devices run again)."""
+  if spec is None:
+    spec = validation.validate_config(c, jax.device_count(),
+                                      jax.default_backend())
+  else:
+    validation.check_platform(c, jax.device_count(), jax.default_backend())
   config_lib.check_workdir(workdir)
-  check_resume_compatible(c, workdir)
+  validation.check_resume_compatible(c, workdir)
   dataset = input_pipeline.load_dataset(
-      c.data, models.PRESETS[c.model.preset].num_classes,
+      c.data, spec, models.PRESETS[c.model.preset].num_classes,
       config_lib.streamed_image_size(c))
-  config_lib.check_image_size(c, *dataset.image_shape)
+  config_lib.check_image_size(c, spec, *dataset.image_shape)
   config_lib.check_batch_size(c, len(dataset.train))
   config_lib.check_schedule_length(
-      c, input_pipeline.steps_per_epoch(len(dataset.train), c.train.batch_size))
+      c, batching.steps_per_epoch(len(dataset.train), c.train.batch_size))
   if c.train.init_from and not checkpoints.checkpoint_steps(workdir):
     shapes = jax.eval_shape(lambda: init_variables(
-        build_model(c.model), dataset.image_shape, c.train.seed))
+        model_factory.build_model(c.model), dataset.image_shape, c.train.seed))
     checkpoints.check_init_from(c.train.init_from, shapes['params'],
                                 shapes.get('batch_stats', {}))
   return dataset
@@ -677,34 +372,18 @@ def start_from(state: TrainState, spec: str) -> TrainState:
   return state
 
 
-class Checkpointer:
-  """The checkpoint hook: saves the state at a step once (orbax, async),
-  after `before_save()` (the metrics up to a checkpoint must outlive a kill
-  after it)."""
-
-  def __init__(self, manager: Any, last_saved: Optional[int],
-               before_save: Callable[[], None] = lambda: None):
-    self.manager = manager
-    self.last_saved = last_saved
-    self.before_save = before_save
-
-  def __call__(self, step: int, state: TrainState) -> None:
-    if self.last_saved != step:
-      self.before_save()
-      checkpoints.save(self.manager, step, state, force=True)
-      self.last_saved = step
-
-
-def train_and_evaluate(c: ml_collections.ConfigDict,
-                       workdir: str) -> dict[str, Any]:
+def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str,
+                       spec: Optional[datasets.DatasetSpec] = None
+                       ) -> dict[str, Any]:
   """Trains `c` in `workdir`, resuming from its newest checkpoint.
 
   Returns the final evaluation metrics (and 'step'). Raises ConfigError for an
   invalid config before anything is compiled or written, NonFiniteError when
-  the loss or gradient stops being finite.
+  the loss or gradient stops being finite. `spec`: as for `prepare`.
   """
-  dataset = prepare(c, workdir)
-  trainer = create_trainer(c, dataset.image_shape, len(dataset.train))
+  dataset = prepare(c, workdir, spec)
+  trainer = create_trainer(c, dataset.image_shape, len(dataset.train),
+                           spec=dataset.spec)
   pipeline = input_pipeline.Pipeline(dataset, c.train.seed, c.train.batch_size,
                                      c.train.eval_batch_size,
                                      trainer.data_sharding)
@@ -731,10 +410,11 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
   trained_seconds = max([r.get('train_seconds', 0.0) for r in logged
                          if r['split'] == 'train'] or [0.0])
   writer = metric_writers.MetricWriter(workdir, resume_step=start_step)
-  log = TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
-                 models.PRESETS[c.model.preset].num_classes, trained_seconds)
-  save = Checkpointer(manager, restored_step, before_save=writer.flush)
-  profiler = Profiler(workdir, c.train.profile_steps, start_step)
+  log = hooks.TrainLog(c, writer, trainer.steps_per_epoch, total_steps,
+                       models.PRESETS[c.model.preset].num_classes,
+                       trained_seconds)
+  save = hooks.CheckpointHook(manager, restored_step, before_save=writer.flush)
+  profiler = hooks.Profiler(workdir, c.train.profile_steps, start_step)
   eval_every = c.train.eval_every_steps or trainer.steps_per_epoch
   save_every = c.train.checkpoint_every_steps or trainer.steps_per_epoch
 
@@ -749,17 +429,14 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
                  top5, metrics['error'])
     return metrics
 
-  # A finished run resumed (to write what an older version did not) is
-  # evaluated again, and trains no further; its evaluation is logged only if
-  # it was not (metrics.jsonl keeps each step once).
+  # A finished run resumed trains no further: it is evaluated for the result,
+  # which metrics.jsonl already holds (written before its last checkpoint).
   eval_metrics = None
   if step == total_steps:
-    eval_metrics = evaluate_at(step, log=not any(
-        r['step'] == step and r['split'] == dataset.eval_name
-        for r in logged))
+    eval_metrics = evaluate_at(step, log=False)
   batches = pipeline.train_iter(start_step)
   try:
-    with _PreemptionFlag() as preempted:
+    with hooks.PreemptionFlag() as preempted:
       while step < total_steps:
         profiler.before_step(step + 1)
         state, metrics = trainer.train_fn(state, next(batches))
@@ -770,7 +447,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict,
         evaluate_now = step % eval_every == 0 or last
         save_now = step % save_every == 0 or last or stop
         if log.due(step) or evaluate_now or save_now:
-          log.flush(step, last_good_checkpoint(save.last_saved, workdir))
+          log.flush(step, hooks.last_good_checkpoint(save.last_saved, workdir))
         with log.paused():
           if evaluate_now:
             eval_metrics = evaluate_at(step)

@@ -17,9 +17,21 @@ import numpy as np
 from etils import epath
 
 from nin_jax import checkpoints
+from nin_jax import config_lib
 from nin_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def grouped(fields: dict) -> dict:
+  """Config fields named by their last part (e.g. `batch_size=8`) as an update
+  of their subtrees ({'train': {'batch_size': 8}}): short test configs."""
+  defaults = config_lib.default_config()
+  groups = {}
+  for name, value in fields.items():
+    group = next(g for g in config_lib.SUBTREES if name in defaults[g])
+    groups.setdefault(group, {})[name] = value
+  return groups
 
 
 def shared_data_dir() -> pathlib.Path:
@@ -72,7 +84,7 @@ kind, _, when = os.environ.get('NIN_JAX_TEST_FAULT', ':').partition(':')
 when, _, delay = when.partition(':')
 when = int(when or 0)
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
-from nin_jax import checkpoints, input_pipeline, metric_writers
+from nin_jax import batching, checkpoints, metric_writers
 if kind in ('step', 'term'):
   write = metric_writers.MetricWriter.write
   signum = signal.SIGKILL if kind == 'step' else signal.SIGTERM
@@ -92,14 +104,14 @@ if kind == 'save':
     return result
   checkpoints.save = save_then_die
 if kind == 'eval':
-  batches, calls = input_pipeline.eval_batches, []
+  batches, calls = batching.eval_batches, []
   def batches_then_die(*args):
     calls.append(1)
     for batch in batches(*args):
       yield batch
       if len(calls) == when:
         die()
-  input_pipeline.eval_batches = batches_then_die
+  batching.eval_batches = batches_then_die
 from absl import app
 from nin_jax import main
 app.run(main.main)

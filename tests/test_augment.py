@@ -6,8 +6,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from nin_jax import augmentation
 from nin_jax import config_lib
-from nin_jax import input_pipeline
+from nin_jax import datasets
+
+CIFAR10 = datasets.lookup('tfds:cifar10')
 
 HEIGHT, WIDTH = 6, 7
 
@@ -48,7 +51,7 @@ def decode(out: np.ndarray) -> tuple[int, int, bool]:
 
 
 def run_augment(n, translate, flip, seed=0, channels=1):
-  out = input_pipeline.augment(jnp.asarray(position_images(n, channels)),
+  out = augmentation.augment(jnp.asarray(position_images(n, channels)),
                                jax.random.key(seed), translate, flip)
   return np.asarray(out)
 
@@ -103,7 +106,8 @@ def config_for(dataset, flip=True):
     'sklearn:digits', 'tfds:mnist', 'tfds:svhn_cropped',
     'npz:/data/mnist/mnist.npz', 'npz:/data/MNIST.npz'])
 def test_digits_are_never_flipped(dataset):
-  fn = input_pipeline.device_augment_fn(config_for(dataset).data)
+  fn = augmentation.device_augment_fn(config_for(dataset).data,
+                                      datasets.lookup(dataset))
   out = np.asarray(fn(jnp.asarray(position_images(500)), jax.random.key(1)))
   results = [decode(o[..., 0]) for o in out]
   assert not any(flipped for _, _, flipped in results)
@@ -112,12 +116,12 @@ def test_digits_are_never_flipped(dataset):
 
 def test_natural_images_are_flipped_unless_switched_off():
   images = jnp.asarray(position_images(500))
-  fn = input_pipeline.device_augment_fn(config_for('tfds:cifar10').data)
+  fn = augmentation.device_augment_fn(config_for('tfds:cifar10').data, CIFAR10)
   flips = [decode(o[..., 0])[2] for o in np.asarray(fn(images,
                                                         jax.random.key(1)))]
   assert 150 < sum(flips) < 350
-  fn = input_pipeline.device_augment_fn(
-      config_for('tfds:cifar10', flip=False).data)
+  fn = augmentation.device_augment_fn(
+      config_for('tfds:cifar10', flip=False).data, CIFAR10)
   assert not any(decode(o[..., 0])[2] for o in np.asarray(
       fn(images, jax.random.key(1))))
 
@@ -125,13 +129,13 @@ def test_natural_images_are_flipped_unless_switched_off():
 def test_no_augment_fn_when_augment_is_off():
   c = config_for('tfds:cifar10')
   c.data.augment = False
-  assert input_pipeline.device_augment_fn(c.data) is None
+  assert augmentation.device_augment_fn(c.data, CIFAR10) is None
 
 
 def test_translation_larger_than_the_image_is_refused():
   c = config_for('tfds:cifar10')
   c.data.translate_pixels = 32
   with pytest.raises(config_lib.ConfigError, match='translate_pixels'):
-    config_lib.check_image_size(c, 32, 32, 3)
+    config_lib.check_image_size(c, CIFAR10, 32, 32, 3)
   c.data.translate_pixels = 31
-  config_lib.check_image_size(c, 32, 32, 3)
+  config_lib.check_image_size(c, CIFAR10, 32, 32, 3)

@@ -91,7 +91,7 @@ def test_predict_and_export_agree_with_the_evaluated_model(author_workdir,
   assert out.returncode == 0, out.stderr[-3000:]
   rows = [json.loads(line) for line in out.stdout.splitlines()]
   assert [r['top_k'][0]['name'] for r in rows] == [
-      trained.spec.class_names[y] for y in direct.argmax(-1)]
+      trained.inputs.class_names[y] for y in direct.argmax(-1)]
   # A PNG round trip is lossless and the image is already 32 x 32: the
   # resize is the identity, so predict sees the evaluated pixels.
   np.testing.assert_allclose([r['top_k'][0]['probability'] for r in rows],
@@ -139,7 +139,7 @@ def test_training_on_from_the_authors_weights_stays_at_his_optimum(
   x_test, y_test = readers.load_npz_split(str(CIFAR10), 'test')
   trainer = train.create_trainer(c, (32, 32, 3), len(x_train))
   state = train.start_from(trainer.state, str(author_workdir))
-  normalize = jax.jit(preprocessing.normalizer(trained.spec.fitted))
+  normalize = jax.jit(preprocessing.normalizer(trained.inputs.fitted))
   put = lambda x: jax.device_put(x, trainer.data_sharding)
   losses = []
   for i in range(5):

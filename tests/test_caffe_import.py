@@ -220,8 +220,8 @@ def test_imagenet_v1_caffemodel_matches_caffe_with_mean_image(tmp_path):
 
   trained, probabilities = model_probabilities(workdir, crop[None])
   np.testing.assert_allclose(probabilities, expected, atol=1e-5, rtol=0)
-  assert trained.spec.class_names[7] == 'thing 7'
-  from_file = inference.load_image(str(tmp_path / 'photo.png'), trained.spec)
+  assert trained.inputs.class_names[7] == 'thing 7'
+  from_file = inference.load_image(str(tmp_path / 'photo.png'), trained.inputs)
   np.testing.assert_array_equal(from_file, crop)
 
 
@@ -267,12 +267,12 @@ def test_cifar10_caffemodel_matches_caffe_after_gcn_zca(tmp_path,
       'results measured with the zoo file do not apply to it.']
 
   trained, probabilities = model_probabilities(workdir, x_test)
-  assert trained.spec.class_names[0] == 'airplane'
+  assert trained.inputs.class_names[0] == 'airplane'
   # GCN (scale 55) and the saved ZCA, applied to the HWC-flattened images.
   flat = x_test.reshape(6, -1).astype(np.float64)
   flat -= flat.mean(1, keepdims=True)
   flat *= 55.0 / np.linalg.norm(flat, axis=1, keepdims=True)
-  arrays = trained.spec.fitted.arrays
+  arrays = trained.inputs.fitted.arrays
   white = ((flat - arrays['zca_mean']) @ arrays['zca_whiten']).reshape(
       6, 32, 32, 3)
   logits = caffe_forward(CIFAR10_NET, weights, white.transpose(0, 3, 1, 2))

@@ -1,7 +1,6 @@
 """Every bad input is refused with a one-line error naming the field or file,
 before anything is compiled or written."""
 
-import json
 import pathlib
 import re
 import subprocess
@@ -13,8 +12,11 @@ import pytest
 from helpers import error_lines
 from nin_jax import config_lib
 from nin_jax import input_pipeline
+from nin_jax import layers
 from nin_jax import models
+from nin_jax import sources
 from nin_jax import train
+from nin_jax import validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py'))
@@ -23,7 +25,7 @@ CONFIGS = sorted(p.name for p in (REPO / 'configs').glob('*.py'))
 @pytest.mark.parametrize('name', CONFIGS)
 def test_every_shipped_config_is_valid(name):
   path = REPO / 'configs' / name
-  train.validate_config(config_lib.load_config_file(str(path)),
+  validation.validate_config(config_lib.load_config_file(str(path)),
                              num_devices=1)
   assert 'python -m nin_jax.main' in path.read_text().split('"""')[1]
 
@@ -80,7 +82,7 @@ def test_batch_must_divide_over_devices():
   c.train.batch_size = 100
   with pytest.raises(config_lib.ConfigError,
                      match=r'config\.train\.batch_size=100.*8 devices.*96'):
-    train.validate_config(c, num_devices=8)
+    validation.validate_config(c, num_devices=8)
 
 
 def test_image_too_small_for_preset(tmp_path):
@@ -175,46 +177,6 @@ def test_resuming_a_workdir_of_another_preset(quickstart_config, tmp_path):
     train.train_and_evaluate(c, workdir)
 
 
-def flat_layout(config: dict) -> dict:
-  """A config.json as nin-jax wrote it before the subtrees: every field at
-  the top except model's own (head, dropout_rate, ...)."""
-  flat = {'model': {}}
-  for group, fields in config.items():
-    for name, value in fields.items():
-      if group == 'model' and name not in ('preset', 'dtype'):
-        flat['model'][name] = value
-      else:
-        flat[name] = value
-  return flat
-
-
-@pytest.mark.slow
-def test_a_workdir_with_a_flat_config_json_still_loads_and_resumes(
-    quickstart_config, tmp_path):
-  """Workdirs written before the subtrees: evaluate, predict and resume read
-  their config.json, and the architecture check still guards them."""
-  from nin_jax import inference  # pylint: disable=g-import-not-at-top
-  c = quickstart_config
-  c.train.num_train_steps = 2
-  workdir = tmp_path / 'run'
-  train.train_and_evaluate(c, str(workdir))
-  saved = json.loads((workdir / 'config.json').read_text())
-  old = flat_layout(saved)
-  assert old['preset'] == 'quickstart' and 'data' not in old
-  (workdir / 'config.json').write_text(json.dumps(old))
-  assert config_lib.upgrade(old) == saved
-  assert json.loads(inference.read_config(str(workdir)).to_json()) == saved
-  assert inference.evaluate(str(workdir))['step'] == 2
-  c.train.num_train_steps = 3
-  assert train.train_and_evaluate(c, str(workdir))['step'] == 3
-  (workdir / 'config.json').write_text(json.dumps(old))
-  c.model.preset, c.train.num_train_steps = 'mnist', 4
-  with pytest.raises(config_lib.ConfigError,
-                     match=r"config\.model\.preset='quickstart' but this run "
-                     r"has config\.model\.preset='mnist'"):
-    train.train_and_evaluate(c, str(workdir))
-
-
 def run_main(*args):
   return subprocess.run(
       [sys.executable, '-m', 'nin_jax.main', *args], cwd=REPO,
@@ -250,19 +212,19 @@ def test_conv_impl_is_validated_and_free_to_change_on_resume(
   with pytest.raises(config_lib.ConfigError,
                      match=re.escape("config.model.conv_impl='mkldnn': must "
                                      "be one of ('auto', 'xla', 'onednn').")):
-    train.validate_config(c)
+    validation.validate_config(c)
   c.model.conv_impl = 'xla'
   workdir = tmp_path / 'run'
   train.write_config(c, str(workdir))
   (workdir / 'checkpoints' / '5').mkdir(parents=True)
   c.model.conv_impl = 'auto'
-  train.check_resume_compatible(c, str(workdir))
+  validation.check_resume_compatible(c, str(workdir))
   c.model.head = 'fc'
   with pytest.raises(config_lib.ConfigError,
                      match=r"holds checkpoints of config\.model\.head='gap' "
                      r"but this run has config\.model\.head='fc'; use a new "
                      r"workdir or the same model\.head\."):
-    train.check_resume_compatible(c, str(workdir))
+    validation.check_resume_compatible(c, str(workdir))
 
 
 def test_cifar100_faithful_variant_is_the_authors_solver():
@@ -271,7 +233,7 @@ def test_cifar100_faithful_variant_is_the_authors_solver():
   step = weight decay 5e-4 at lr 0.02."""
   c = config_lib.sibling_config(__file__, '../configs/cifar100.py',
                                 'faithful')
-  train.validate_config(c, num_devices=1)
+  validation.validate_config(c, num_devices=1)
   assert (c.model.preset, c.model.weight_init, c.model.batch_norm) == (
       'cifar100', 'faithful', False)
   assert (c.optim.learning_rate, c.optim.bias_lr_mult,
@@ -291,7 +253,7 @@ def test_every_dataset_config_has_the_authors_model_and_batchnorm(name):
   faithful = config_lib.sibling_config(__file__, f'../configs/{name}',
                                        'faithful')
   for c in (default, faithful):
-    train.validate_config(c, num_devices=1)
+    validation.validate_config(c, num_devices=1)
   assert (default.model.weight_init, default.model.batch_norm) == (
       'modern', True)
   assert (faithful.model.weight_init, faithful.model.batch_norm) == (
@@ -305,7 +267,7 @@ def test_every_dataset_config_has_the_authors_model_and_batchnorm(name):
 def test_imagenet_caffe_variant_is_the_zoo_solver():
   from nin_jax import optimizer  # pylint: disable=g-import-not-at-top
   c = config_lib.sibling_config(__file__, '../configs/imagenet.py', 'caffe')
-  train.validate_config(c, num_devices=1)
+  validation.validate_config(c, num_devices=1)
   assert (c.train.batch_size, c.train.num_train_steps,
           c.optim.weight_decay) == (64, 450_000, 5e-4)
   assert (c.model.weight_init, c.model.batch_norm) == ('faithful', False)
@@ -338,8 +300,8 @@ def test_core_modules_do_not_import_the_onednn_plugin():
 
 
 def test_conv_select_xla_is_the_models_conv():
-  from nin_jax import conv_select, models  # pylint: disable=g-import-not-at-top
-  assert conv_select.conv_module('xla') is models.Conv
+  from nin_jax import conv_select  # pylint: disable=g-import-not-at-top
+  assert conv_select.conv_module('xla') is layers.Conv
   with pytest.raises(ValueError, match='conv_impl must be one of'):
     conv_select.conv_module('mkldnn')
 
@@ -352,7 +314,7 @@ def test_a_dataset_of_another_class_count_than_the_preset_is_refused_first(
   (an npz of another name) is checked when its labels load instead."""
   def refuse(*args, **kwargs):
     raise AssertionError('data read before the config was checked')
-  monkeypatch.setattr(input_pipeline, 'load_raw', refuse)
+  monkeypatch.setattr(sources, 'load_raw', refuse)
   c = config_lib.default_config()
   c.model.preset, c.data.dataset = 'cifar10', 'tfds:cifar100'
   message = ("config.model.preset='cifar10' makes 10 class maps, but "
@@ -364,10 +326,10 @@ def test_a_dataset_of_another_class_count_than_the_preset_is_refused_first(
   assert not (tmp_path / 'run').exists()
   c.data.dataset = 'npz:/data/cifar100.npz'
   with pytest.raises(config_lib.ConfigError, match='has 100 classes'):
-    train.validate_config(c)
+    validation.validate_config(c)
   c.model.preset, c.data.dataset = 'cifar100', 'tfds:mnist'
   with pytest.raises(config_lib.ConfigError) as error:
-    train.validate_config(c)
+    validation.validate_config(c)
   assert str(error.value).endswith(
       "has 10 classes; use a preset made for it ('cifar10', 'mnist', "
       "'quickstart', 'svhn').")
@@ -375,4 +337,4 @@ def test_a_dataset_of_another_class_count_than_the_preset_is_refused_first(
                           ('cifar10', 'npz:/data/my_images.npz'),
                           ('quickstart', 'sklearn:digits')):
     c.model.preset, c.data.dataset = preset, dataset
-    train.validate_config(c)
+    validation.validate_config(c)

@@ -25,7 +25,7 @@ from helpers import normal
 import nin_jax
 from nin_jax import config_lib
 from nin_jax import conv_select
-from nin_jax import models
+from nin_jax import layers
 from nin_jax.plugins import onednn
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -223,10 +223,10 @@ def test_conv_select_without_the_kernels_picks_xla(no_kernels):
   """'xla' never looks for the plugin; 'auto' falls back to XLA; 'onednn'
   refuses, before a run (check_config) and when building the model, with
   the plugin's reason."""
-  assert conv_select.conv_module('xla') is models.Conv
+  assert conv_select.conv_module('xla') is layers.Conv
   conv_select.check_config('xla', 'cpu')
   assert not no_kernels
-  assert conv_select.conv_module('auto') is models.Conv
+  assert conv_select.conv_module('auto') is layers.Conv
   conv_select.check_config('auto', 'cpu')
   with pytest.raises(onednn.OneDnnUnavailable,
                      match=r'^the oneDNN kernels \(_onednn_conv\*\.so\) were '
@@ -247,8 +247,8 @@ def test_conv_select_without_the_plugin_package_picks_xla(monkeypatch):
   monkeypatch.setitem(sys.modules, 'nin_jax.plugins.onednn', None)
   reason = 'the nin_jax.plugins.onednn package is not installed'
   assert conv_select.onednn_unavailable_reason() == reason
-  assert conv_select.conv_module('xla') is models.Conv
-  assert conv_select.conv_module('auto') is models.Conv
+  assert conv_select.conv_module('xla') is layers.Conv
+  assert conv_select.conv_module('auto') is layers.Conv
   with pytest.raises(RuntimeError, match=f'^{reason}$'):
     conv_select.conv_module('onednn')
 
@@ -261,7 +261,7 @@ def test_unloadable_kernels_fall_back_or_raise(monkeypatch, tmp_path):
                                     dimension_numbers=DN)
   np.testing.assert_allclose(out, xla_conv(x, w, 1))
   assert not onednn.available()
-  assert conv_select.conv_module('auto') is models.Conv
+  assert conv_select.conv_module('auto') is layers.Conv
   with pytest.raises(onednn.OneDnnUnavailable, match=r"nin-jax\[cpu\]"):
     conv_select.conv_module('onednn')
 
@@ -367,7 +367,7 @@ def _model_and_batch(conv=None):
   model = nin_jax.create_model(
       'quickstart', conv=conv or conv_select.conv_module('onednn'))
   x = normal(0, (2, 8, 8, 1))
-  params = model.clone(conv=models.Conv).init(jax.random.key(1), x)['params']
+  params = model.clone(conv=layers.Conv).init(jax.random.key(1), x)['params']
   return model, params, x
 
 
@@ -409,7 +409,7 @@ def test_meshes_with_explicit_axes_fall_back_to_xla(no_kernels):
   """The plugin's module, as conv_select gives it where the kernels load:
   under Explicit axes it convolves with XLA without looking for them."""
   model, params, x = _model_and_batch(
-      onednn.conv_module(fallback=models.conv_general_dilated))
+      onednn.conv_module(fallback=layers.conv_general_dilated))
   mesh = jax.make_mesh((1,), ('data',),
                        axis_types=(jax.sharding.AxisType.Explicit,))
 
@@ -423,7 +423,7 @@ def test_meshes_with_explicit_axes_fall_back_to_xla(no_kernels):
     out = jax.jit(apply)(params, x)
   # XLA's convolutions both: 1e-5 allows for another fusion under the mesh.
   np.testing.assert_allclose(
-      out, model.clone(conv=models.Conv).apply({'params': params}, x),
+      out, model.clone(conv=layers.Conv).apply({'params': params}, x),
       rtol=1e-5, atol=1e-5)
   assert not no_kernels
 
@@ -432,4 +432,4 @@ def test_meshes_with_explicit_axes_fall_back_to_xla(no_kernels):
 def test_auto_picks_the_plugin_here():
   auto = conv_select.conv_module('auto')
   assert auto is conv_select.conv_module('onednn')  # Cached: models compare.
-  assert auto is not models.Conv
+  assert auto is not layers.Conv

@@ -10,12 +10,18 @@ import pytest
 import tensorflow_datasets as tfds
 from tensorflow_datasets.testing import mocking
 
+from helpers import grouped
 from nin_jax import config_lib
+from nin_jax import datasets
+from nin_jax import holdouts
 from nin_jax import input_pipeline
 from nin_jax import readers
 from nin_jax import preprocessing
+from nin_jax import sources
 from nin_jax import tfds_source
 from nin_jax import train
+
+DIGITS = datasets.lookup('sklearn:digits')
 
 DataError = input_pipeline.DataError
 
@@ -44,7 +50,7 @@ def tfds_config(name, data_dir, **fields):
   c = config_lib.default_config()
   c.data.dataset = f'tfds:{name}'
   c.data.data_dir = str(data_dir)
-  c.update(config_lib.upgrade(fields))  # Flat names: into their subtrees.
+  c.update(grouped(fields))
   return c
 
 
@@ -53,8 +59,8 @@ def tfds_config(name, data_dir, **fields):
 
 def test_tfds_arrays_round_trip_in_original_order(tfds_dir, offline):
   data_dir, splits = tfds_dir
-  raw = input_pipeline.load_raw(tfds_config('svhn_cropped', data_dir,
-                                            use_extra_split=True).data)
+  data = tfds_config('svhn_cropped', data_dir, use_extra_split=True).data
+  raw = sources.load_raw(data, datasets.lookup(data.dataset))
   expected = splits['svhn_cropped']
   for split in ('train', 'test', 'extra'):
     x, y = getattr(raw, f'x_{split}'), getattr(raw, f'y_{split}')
@@ -66,7 +72,8 @@ def test_tfds_arrays_round_trip_in_original_order(tfds_dir, offline):
 
 def test_tfds_mnist_keeps_every_example(tfds_dir, offline):
   data_dir, splits = tfds_dir
-  raw = input_pipeline.load_raw(tfds_config('mnist', data_dir).data)
+  raw = sources.load_raw(tfds_config('mnist', data_dir).data,
+                         datasets.lookup('tfds:mnist'))
   assert raw.x_train.shape == (40, 28, 28, 1) and raw.x_extra is None
   key = lambda x, y: sorted(zip(y.tolist(), x.reshape(len(y), -1).sum(1)))
   assert key(raw.x_train, raw.y_train) == key(*splits['mnist']['train'])
@@ -76,10 +83,11 @@ def test_svhn_trains_on_train_plus_extra(tfds_dir):
   data_dir, _ = tfds_dir
   c = tfds_config('svhn_cropped', data_dir, use_extra_split=True,
                   preset='svhn')
-  dataset = input_pipeline.load_dataset(c.data, 10)
+  svhn = datasets.lookup(c.data.dataset)
+  dataset = input_pipeline.load_dataset(c.data, svhn, 10)
   assert (len(dataset.train), len(dataset.eval)) == (30 + 20, 10)
   c.data.use_extra_split = False
-  assert len(input_pipeline.load_dataset(c.data, 10).train) == 30
+  assert len(input_pipeline.load_dataset(c.data, svhn, 10).train) == 30
 
 
 def test_train_and_evaluate_on_mocked_tfds_mnist(tfds_dir, quickstart_config,
@@ -132,27 +140,28 @@ def test_tfrecord_copy_is_refused(tmp_path):
   info = path / 'dataset_info.json'
   info.write_text(info.read_text().replace('array_record', 'tfrecord'))
   with pytest.raises(DataError, match=r"stored as \['tfrecord'\].*TensorFlow"):
-    tfds_source.load_arrays('mnist', str(tmp_path))
+    tfds_source.load_arrays(datasets.lookup('tfds:mnist'), str(tmp_path))
 
 
 def test_imagenet_in_memory_and_misplaced_extra_are_refused(tmp_path):
   with pytest.raises(DataError, match='imagenet2012 does not fit in host'):
-    input_pipeline.load_raw(tfds_config('imagenet2012', tmp_path).data)
+    sources.load_raw(tfds_config('imagenet2012', tmp_path).data,
+                     datasets.lookup('tfds:imagenet2012'))
   c = config_lib.default_config()
   c.data.dataset, c.data.use_extra_split = 'sklearn:digits', True
   with pytest.raises(DataError, match='use_extra_split=True'):
-    input_pipeline.load_raw(c.data)
+    sources.load_raw(c.data, datasets.lookup('sklearn:digits'))
 
 
 # ----------------------------------------------------- validation splits --
 
 def test_cifar_validation_is_the_last_10000_training_images():
   n = 50_000
-  raw = input_pipeline.RawData(
+  raw = sources.RawData(
       np.arange(n).reshape(n, 1, 1, 1), np.arange(n) % 10,
       np.zeros((5, 1, 1, 1)), np.zeros(5, np.int32), 255.0)
-  x_train, y_train, x_val, y_val = input_pipeline.validation_holdout(
-      raw, 'tfds:cifar10')
+  x_train, y_train, x_val, y_val = holdouts.validation_holdout(
+      raw, datasets.lookup('tfds:cifar10'))
   np.testing.assert_array_equal(x_val.ravel(), np.arange(40_000, n))
   np.testing.assert_array_equal(x_train.ravel(), np.arange(40_000))
   np.testing.assert_array_equal(y_val, np.arange(40_000, n) % 10)
@@ -164,10 +173,10 @@ def test_svhn_validation_is_400_per_class_of_train_and_200_of_extra():
   y_train = rng.permutation(np.arange(6000) % 10)
   y_extra = rng.permutation(np.arange(5000) % 10)
   ids = np.arange(11_000).reshape(-1, 1, 1, 1)  # Unique "images".
-  raw = input_pipeline.RawData(ids[:6000], y_train, ids[:3], y_train[:3],
-                               255.0, ids[6000:], y_extra)
-  x_train, y_tr, x_val, y_val = input_pipeline.validation_holdout(
-      raw, 'tfds:svhn_cropped')
+  raw = sources.RawData(ids[:6000], y_train, ids[:3], y_train[:3], 255.0,
+                        ids[6000:], y_extra)
+  svhn = datasets.lookup('tfds:svhn_cropped')
+  x_train, y_tr, x_val, y_val = holdouts.validation_holdout(raw, svhn)
   val_ids = x_val.ravel()
   from_train, from_extra = val_ids[val_ids < 6000], val_ids[val_ids >= 6000]
   assert np.bincount(y_train[from_train]).tolist() == [400] * 10
@@ -180,7 +189,7 @@ def test_svhn_validation_is_400_per_class_of_train_and_200_of_extra():
       range(11_000))
   np.testing.assert_array_equal(
       y_tr, np.concatenate([y_train, y_extra])[x_train.ravel()])
-  again = input_pipeline.validation_holdout(raw, 'tfds:svhn_cropped')
+  again = holdouts.validation_holdout(raw, svhn)
   np.testing.assert_array_equal(again[2], x_val)  # Fixed, seed-free.
 
 
@@ -204,7 +213,7 @@ def test_digits_are_scikit_learns(monkeypatch, through):
 def test_validation_split_of_a_small_set_is_its_last_sixth():
   c = config_lib.default_config()
   c.data.dataset, c.data.validation_split, c.model.preset = 'sklearn:digits', True, 'quickstart'
-  dataset = input_pipeline.load_dataset(c.data, 10)
+  dataset = input_pipeline.load_dataset(c.data, DIGITS, 10)
   full = readers.load_digits()
   assert dataset.eval_name == 'validation'
   assert len(dataset.eval) == len(full[1]) // 6
@@ -424,29 +433,33 @@ def test_load_split_gives_the_runs_splits_with_saved_statistics():
   c.data.update(dataset='sklearn:digits', preprocessing='standardize',
                 validation_split=True, max_train_examples=1000)
   c.model.preset = 'quickstart'
-  dataset = input_pipeline.load_dataset(c.data, 10)
+  dataset = input_pipeline.load_dataset(c.data, DIGITS, 10)
   assert dataset.fitted.method == 'standardize'
   for split, expected in (('train', dataset.train),
                           ('validation', dataset.eval)):
-    loaded = input_pipeline.load_split(c.data, split, dataset.fitted, 10)
+    loaded = input_pipeline.load_split(c.data, DIGITS, split, dataset.fitted,
+                                       10)
     np.testing.assert_array_equal(loaded.images, expected.images)
     np.testing.assert_array_equal(loaded.labels, expected.labels)
-  test = input_pipeline.load_split(c.data, 'test', dataset.fitted, 10)
+  test = input_pipeline.load_split(c.data, DIGITS, 'test', dataset.fitted, 10)
   assert len(test) == 359 and test.images.dtype == np.float32
   c.data.validation_split = False
   with pytest.raises(DataError, match="held out no 'validation' split"):
-    input_pipeline.load_split(c.data, 'validation', dataset.fitted, 10)
+    input_pipeline.load_split(c.data, DIGITS, 'validation', dataset.fitted,
+                              10)
 
 
 def test_tfds_test_split_read_alone_and_class_names(tfds_dir):
   data_dir, splits = tfds_dir
   c = tfds_config('mnist', data_dir)
-  x, y, max_value = input_pipeline.load_raw_test(c.data)
+  mnist = datasets.lookup('tfds:mnist')
+  x, y, max_value = sources.load_raw_test(c.data, mnist)
   assert x.shape[1:] == (28, 28, 1) and max_value == 255.0
   assert sorted(y.tolist()) == sorted(splits['mnist']['test'][1].tolist())
-  assert input_pipeline.class_names(c.data, 10) == tuple('0123456789')
+  assert sources.class_names(c.data, mnist, 10) == tuple('0123456789')
   npz = config_lib.default_config().data
-  npz.dataset = 'npz:/data/cifar10.npz'
-  assert input_pipeline.class_names(npz, 10)[:2] == ('airplane', 'automobile')
-  npz.dataset = 'npz:/data/digits.npz'
-  assert input_pipeline.class_names(npz, 3) == ('0', '1', '2')
+  cifar_npz = datasets.lookup('npz:/data/cifar10.npz')
+  assert sources.class_names(npz, cifar_npz, 10)[:2] == ('airplane',
+                                                        'automobile')
+  digits_npz = datasets.lookup('npz:/data/digits.npz')
+  assert sources.class_names(npz, digits_npz, 3) == ('0', '1', '2')

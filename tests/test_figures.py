@@ -18,10 +18,11 @@ from experiments import confidence_maps
 from experiments import plot_curves
 from helpers import shared_run
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import inference
-from nin_jax import input_pipeline
 from nin_jax import metric_writers
 from nin_jax import models
+from nin_jax import sources
 from nin_jax import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -98,8 +99,9 @@ def test_class_maps_are_what_the_logits_average(workdir):
   _, inputs, labels = confidence_maps.load_examples(trained, 'test', 16)
   plain = trained.model.apply(trained.variables, inputs, train=False)
   np.testing.assert_allclose(result.logits, plain, rtol=1e-6, atol=1e-6)
-  x_test, y_test, max_value = input_pipeline.load_raw_test(
-      trained.config.data)
+  data = trained.config.data
+  x_test, y_test, max_value = sources.load_raw_test(
+      data, datasets.lookup(data.dataset))
   np.testing.assert_array_equal(result.pixels, x_test[:16])
   np.testing.assert_array_equal(result.labels, y_test[:16])
   np.testing.assert_array_equal(labels, y_test[:16])

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from experiments import gradient_diagnostic as gd
+from nin_jax import model_factory
 from nin_jax import train
 
 
@@ -77,7 +78,7 @@ def test_the_trainer_gradient_is_the_batch_mean_loss_gradient(
   c.model.weight_init, c.model.batch_norm = 'faithful', False
   c.model.conv_impl = 'xla'
   c.data.augment, c.train.label_smoothing = False, 0.0
-  model = train.build_model(c.model)
+  model = model_factory.build_model(c.model)
   params = jax.jit(lambda: train.init_variables(model, (8, 8, 1), 0))()[
       'params']
   rng = np.random.default_rng(0)

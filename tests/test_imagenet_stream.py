@@ -9,7 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import grouped
+from nin_jax import augmentation
+from nin_jax import batching
 from nin_jax import config_lib
+from nin_jax import datasets
 from nin_jax import inference
 from nin_jax import input_pipeline
 from nin_jax import input_spec
@@ -17,9 +21,11 @@ from nin_jax import models
 from nin_jax import streaming
 from nin_jax import tfds_source
 from nin_jax import train
+from nin_jax import validation
 
 DataError = input_pipeline.DataError
 SIZE = 32
+IMAGENET = datasets.lookup('tfds:imagenet2012')
 # A 1000-class NiN small enough to train a few steps in a second or two.
 TINY_PRESET = models.Preset((
     models.BlockSpec((16,), kernel_size=3, stride=2, pool='max'),
@@ -58,13 +64,14 @@ def imagenet_config(data_dir, **fields):
   c.data.update(dataset='tfds:imagenet2012', data_dir=str(data_dir),
                 preprocessing='standardize', augment=True, image_size=SIZE,
                 data_workers=2)
-  c.update(config_lib.upgrade(fields))  # Flat names: into their subtrees.
+  c.update(grouped(fields))
   return c
 
 
 @pytest.fixture(scope='module')
 def dataset(imagenet_dir):
-  return input_pipeline.load_dataset(imagenet_config(imagenet_dir).data, 1000)
+  return input_pipeline.load_dataset(imagenet_config(imagenet_dir).data,
+                                     IMAGENET, 1000)
 
 
 @pytest.fixture
@@ -172,42 +179,42 @@ def test_streamed_dataset_shapes_and_labels(dataset, sharding):
   assert dataset.eval_name == 'validation'
   assert dataset.image_shape == (SIZE, SIZE, 3)
   [(images, labels)] = host_batches(
-      input_pipeline.train_batches(dataset.train, 0, 8, 0, sharding), 1)
+      batching.train_batches(dataset.train, 0, 8, 0, sharding), 1)
   assert images.shape == (8, SIZE, SIZE, 3) and images.dtype == np.uint8
   assert labels.dtype == np.int32
-  idx = input_pipeline.train_batch_indices(0, 0, 8, 40)
+  idx = batching.train_batch_indices(0, 0, 8, 40)
   np.testing.assert_array_equal(labels, source_labels(dataset.train)[idx])
 
 
 def test_batches_are_a_function_of_seed_and_step_and_resume_exactly(
     dataset, sharding):
   first = host_batches(
-      input_pipeline.train_batches(dataset.train, 0, 8, 0, sharding), 7)
+      batching.train_batches(dataset.train, 0, 8, 0, sharding), 7)
   again = host_batches(
-      input_pipeline.train_batches(dataset.train, 0, 8, 0, sharding), 7)
+      batching.train_batches(dataset.train, 0, 8, 0, sharding), 7)
   resumed = host_batches(
-      input_pipeline.train_batches(dataset.train, 0, 8, 4, sharding), 3)
+      batching.train_batches(dataset.train, 0, 8, 4, sharding), 3)
   # Steps 0-4 are epoch 0 (40 examples, batch 8), 5-6 epoch 1.
   for a, b in zip(first + first[4:], again + resumed):
     np.testing.assert_array_equal(a[0], b[0])
     np.testing.assert_array_equal(a[1], b[1])
   assert not np.array_equal(first[0][0], first[1][0])
   other_seed = host_batches(
-      input_pipeline.train_batches(dataset.train, 1, 8, 0, sharding), 1)
+      batching.train_batches(dataset.train, 1, 8, 0, sharding), 1)
   assert not np.array_equal(first[0][0], other_seed[0][0])
 
 
 def test_each_process_decodes_its_rows_of_the_same_global_batch(
     dataset, sharding, monkeypatch):
   whole = host_batches(
-      input_pipeline.train_batches(dataset.train, 3, 8, 2, sharding), 2)
+      batching.train_batches(dataset.train, 3, 8, 2, sharding), 2)
   parts = []
   for process in range(2):
-    monkeypatch.setattr(input_pipeline, 'process_rows',
+    monkeypatch.setattr(batching, 'process_rows',
                         lambda n, p=process: slice(p * n // 2,
                                                    (p + 1) * n // 2))
     parts.append(host_batches(
-        input_pipeline.train_batches(dataset.train, 3, 8, 2, sharding), 2))
+        batching.train_batches(dataset.train, 3, 8, 2, sharding), 2))
   for step in range(2):
     for i in range(2):  # images, labels
       np.testing.assert_array_equal(
@@ -217,7 +224,7 @@ def test_each_process_decodes_its_rows_of_the_same_global_batch(
 
 def test_eval_covers_every_example_once_with_central_crops(dataset,
                                                            sharding):
-  batches = list(input_pipeline.eval_batches(dataset.eval, 5, sharding))
+  batches = list(batching.eval_batches(dataset.eval, 5, sharding))
   images, labels, mask = (np.concatenate([np.asarray(b[k]) for b in batches])
                           for k in ('image', 'label', 'mask'))
   assert len(batches) == 3 and mask.tolist() == [True] * 12 + [False] * 3
@@ -231,10 +238,10 @@ def test_eval_covers_every_example_once_with_central_crops(dataset,
 
 def test_without_augment_training_uses_central_crops(imagenet_dir, sharding):
   plain = input_pipeline.load_dataset(
-      imagenet_config(imagenet_dir, augment=False).data, 1000)
+      imagenet_config(imagenet_dir, augment=False).data, IMAGENET, 1000)
   [(images, _)] = host_batches(
-      input_pipeline.train_batches(plain.train, 0, 4, 0, sharding), 1)
-  idx = input_pipeline.train_batch_indices(0, 0, 4, 40)
+      batching.train_batches(plain.train, 0, 4, 0, sharding), 1)
+  idx = batching.train_batch_indices(0, 0, 4, 40)
   record = plain.train.source.__getitems__([int(idx[0])])[0]
   np.testing.assert_array_equal(
       images[0], streaming.decode_crop(record['image'], SIZE, None, False))
@@ -255,7 +262,7 @@ class BrokenSource:
 def test_decode_errors_reach_the_caller_naming_the_example(sharding):
   split = streaming.StreamSplit(BrokenSource(), 'tfds:imagenet2012 train',
                                 SIZE, True, True, 2, 3)
-  batches = input_pipeline.eval_batches(split, 2, sharding)
+  batches = batching.eval_batches(split, 2, sharding)
   with pytest.raises(DataError, match=r'imagenet2012 train example 1: '
                      r'cannot decode its image \(UnidentifiedImageError'):
     list(batches)
@@ -264,7 +271,7 @@ def test_decode_errors_reach_the_caller_naming_the_example(sharding):
 
 @pytest.mark.parametrize('taken', [0, 1])
 def test_closing_the_iterator_stops_its_threads(dataset, sharding, taken):
-  batches = input_pipeline.train_batches(dataset.train, 0, 8, 0, sharding)
+  batches = batching.train_batches(dataset.train, 0, 8, 0, sharding)
   for _ in range(taken):
     next(batches)
   assert live_input_threads()
@@ -278,22 +285,23 @@ def test_streamed_config_errors_name_the_field(imagenet_dir):
   c = imagenet_config(imagenet_dir, preprocessing='gcn_zca')
   with pytest.raises(config_lib.ConfigError,
                      match=r"config\.data\.preprocessing='gcn_zca'.*streamed"):
-    train.validate_config(c)
+    validation.validate_config(c)
   with pytest.raises(config_lib.ConfigError, match=r'config\.data\.validation_split'):
-    train.validate_config(imagenet_config(imagenet_dir,
+    validation.validate_config(imagenet_config(imagenet_dir,
                                                validation_split=True))
   cifar = config_lib.default_config()
   cifar.data.image_size = 64
   with pytest.raises(config_lib.ConfigError,
                      match=r'config\.data\.image_size=64.*set it to 0'):
-    train.validate_config(cifar)
+    validation.validate_config(cifar)
   c = imagenet_config(imagenet_dir, image_size=8)
   with pytest.raises(config_lib.ConfigError, match='raise config.data.image_size'):
-    config_lib.check_image_size(c, 8, 8, 3)
+    config_lib.check_image_size(c, IMAGENET, 8, 8, 3)
   assert config_lib.streamed_image_size(imagenet_config(
       imagenet_dir, image_size=0)) == 224
   with pytest.raises(DataError, match='1000 classes but the preset has 10'):
-    input_pipeline.load_dataset(imagenet_config(imagenet_dir).data, 10)
+    input_pipeline.load_dataset(imagenet_config(imagenet_dir).data, IMAGENET,
+                                10)
 
 
 def test_missing_imagenet_fails_fast(tmp_path, offline):
@@ -302,24 +310,26 @@ def test_missing_imagenet_fails_fast(tmp_path, offline):
   or a network lookup; and no decoding thread is started."""
   with pytest.raises(DataError, match='no prepared copy.*never downloads.*'
                      'tfds build imagenet2012'):
-    input_pipeline.load_dataset(imagenet_config(tmp_path / 'none').data, 1000)
+    input_pipeline.load_dataset(imagenet_config(tmp_path / 'none').data,
+                                IMAGENET, 1000)
   assert offline == []
   assert live_input_threads() == []
 
 
 def test_device_normalization_and_no_device_augment(imagenet_dir):
   c = imagenet_config(imagenet_dir)
-  assert input_pipeline.device_augment_fn(c.data) is None
+  assert augmentation.device_augment_fn(c.data, IMAGENET) is None
   pixels = np.arange(24, dtype=np.uint8).reshape(1, 2, 4, 3) * 10
-  out = np.asarray(input_pipeline.device_normalize_fn(c.data)(pixels))
+  out = np.asarray(input_pipeline.device_normalize_fn(c.data, IMAGENET)(pixels))
   mean = np.array([0.485, 0.456, 0.406]) * 255
   std = np.array([0.229, 0.224, 0.225]) * 255
   np.testing.assert_allclose(out, (pixels - mean) / std, rtol=1e-5)
   c.data.preprocessing = 'scale'
   np.testing.assert_allclose(
-      np.asarray(input_pipeline.device_normalize_fn(c.data)(pixels)),
+      np.asarray(input_pipeline.device_normalize_fn(c.data, IMAGENET)(pixels)),
       pixels / 255.0, rtol=1e-6)
-  assert input_pipeline.device_normalize_fn(config_lib.default_config().data) is None
+  assert input_pipeline.device_normalize_fn(
+      config_lib.default_config().data, datasets.lookup('tfds:cifar10')) is None
 
 
 def test_train_and_evaluate_streams_imagenet(imagenet_dir, tmp_path,

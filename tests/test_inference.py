@@ -23,6 +23,7 @@ from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import metric_writers
 from nin_jax import preprocessing
+from nin_jax import sources
 from nin_jax import tfds_source
 from nin_jax import train
 
@@ -70,7 +71,7 @@ def no_training_data(monkeypatch):
   """Fails the test if the training split is read or a statistic refitted."""
   def refuse(*args, **kwargs):
     raise AssertionError('training data read or preprocessing refitted')
-  monkeypatch.setattr(input_pipeline, 'load_raw', refuse)
+  monkeypatch.setattr(sources, 'load_raw', refuse)
   monkeypatch.setattr(preprocessing, 'fit', refuse)
 
 
@@ -187,17 +188,16 @@ def test_commands_print_json_and_one_line_errors(run, tmp_path):
   assert line.startswith(f'nin_jax: error: {tmp_path / "missing.png"}: '
                          'cannot be read as an image ('), line
 
-  old = tmp_path / 'old_workdir'
-  shutil.copytree(workdir, old)
-  (old / input_spec.JSON_NAME).unlink()
-  out = command('export', f'--workdir={old}', f'--out={tmp_path / "x"}')
+  damaged = tmp_path / 'damaged_workdir'
+  shutil.copytree(workdir, damaged)
+  (damaged / input_spec.JSON_NAME).unlink()
+  out = command('export', f'--workdir={damaged}', f'--out={tmp_path / "x"}')
   assert out.returncode == 2 and 'Traceback' not in out.stderr
   assert error_lines(out.stderr) == [
-      f'nin_jax: error: {old} has no preprocessing.json (workdirs trained '
-      f'before nin-jax saved its preprocessing); run its training command '
-      f'once more, python -m nin_jax.main --config=CONFIG --workdir={old} '
-      f'with the config it was trained with (see {old}/config.json): it '
-      f'resumes at the last step, writes the file and trains no further.']
+      f'nin_jax: error: --workdir={damaged} has no preprocessing.json: '
+      'nin_jax.main and nin_jax.caffe_import write it before anything else, '
+      'so this is not a workdir they wrote (or it was damaged); train or '
+      'import into a new workdir.']
 
 
 def test_evaluate_refuses_test_time_flips_on_digits(run):
@@ -313,7 +313,7 @@ def test_flip_and_noflip_on_a_run_evaluated_with_flips(run, tmp_path):
   workdir = copy_with(run[0], tmp_path / 'flipped', True, digits)
   trained = inference.load(workdir)
   variables = {k: v for k, v in trained.variables.items() if v}
-  images = preprocessing.apply(trained.spec.fitted, x[..., None])
+  images = preprocessing.apply(trained.inputs.fitted, x[..., None])
   apply = jax.jit(functools.partial(trained.model.apply, train=False))
   plain = np.asarray(apply(variables, images))
   mirror = np.asarray(apply(variables, images[:, :, ::-1]))
@@ -447,7 +447,7 @@ def test_images_reach_the_model_in_its_channels(run, outputs, tmp_path):
   dropped (a transparent pixel's colour is kept: no compositing on black or
   white); pixel values as the model's 8-bit data (MNIST: 0..255)."""
   trained, _ = outputs
-  grey_spec = trained.spec
+  grey_spec = trained.inputs
   colour_spec = dataclasses.replace(grey_spec, image_shape=(28, 28, 3))
   assert grey_spec.image_shape == (28, 28, 1)
   assert grey_spec.fitted.max_value == 255  # load_image's units are 8-bit.

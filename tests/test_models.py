@@ -12,6 +12,7 @@ import pytest
 
 from helpers import normal
 import nin_jax
+from nin_jax import layers
 from nin_jax import models
 
 EXPECTED_PARAMS = {
@@ -74,14 +75,14 @@ def test_gap_head_has_only_conv_parameters_and_fc_head_adds_dense():
 def test_ceil_mode_pool_sizes(size, expected):
   sizes = [size]
   for _ in range(2):
-    sizes.append(models.pooled_size(sizes[-1], 3, 2))
+    sizes.append(layers.pooled_size(sizes[-1], 3, 2))
   assert sizes[1:] == expected
 
 
 def caffe_pool(x: np.ndarray, window: int, stride: int, op: str) -> np.ndarray:
   """Caffe's pooling layer, literally: ceil mode, windows clipped to input."""
   b, h, w, c = x.shape
-  out_h, out_w = models.pooled_size(h, window, stride), models.pooled_size(
+  out_h, out_w = layers.pooled_size(h, window, stride), layers.pooled_size(
       w, window, stride)
   out = np.zeros((b, out_h, out_w, c), x.dtype)
   for i in range(out_h):
@@ -97,9 +98,9 @@ def caffe_pool(x: np.ndarray, window: int, stride: int, op: str) -> np.ndarray:
 def test_pools_match_caffe(size):
   x = np.random.default_rng(size).normal(size=(2, size, size, 3)).astype(
       np.float32)
-  np.testing.assert_allclose(models.max_pool_ceil(jnp.asarray(x), 3, 2),
+  np.testing.assert_allclose(layers.max_pool_ceil(jnp.asarray(x), 3, 2),
                              caffe_pool(x, 3, 2, 'max'), rtol=1e-6)
-  np.testing.assert_allclose(models.avg_pool_ceil(jnp.asarray(x), 3, 2),
+  np.testing.assert_allclose(layers.avg_pool_ceil(jnp.asarray(x), 3, 2),
                              caffe_pool(x, 3, 2, 'avg'), rtol=1e-5, atol=1e-6)
 
 
@@ -109,11 +110,11 @@ def test_max_pool_gradient_matches_reduce_window(size, relu_first):
   # After a ReLU many windows tie at 0; the ReLU's zero gradient there makes
   # the routing of tied gradients irrelevant, as in the network.
   x = normal(size, (2, size, size, 4))
-  pad = models._ceil_mode_padding(size, 3, 2)[1]
+  pad = layers._ceil_mode_padding(size, 3, 2)[1]
   first = jax.nn.relu if relu_first else (lambda x: x)
   reference = lambda x: nn.max_pool(first(x), (3, 3), (2, 2),
                                     padding=((0, pad), (0, pad)))
-  fast = lambda x: models.max_pool_ceil(first(x), 3, 2)
+  fast = lambda x: layers.max_pool_ceil(first(x), 3, 2)
   np.testing.assert_allclose(fast(x), reference(x))
   g_fast = jax.grad(lambda x: jnp.sum(fast(x) ** 2))(x)
   g_ref = jax.grad(lambda x: jnp.sum(reference(x) ** 2))(x)
@@ -123,7 +124,7 @@ def test_max_pool_gradient_matches_reduce_window(size, relu_first):
 @pytest.mark.parametrize('kernel,padding', [((1, 1), 0), ((3, 3), 1)])
 def test_conv_equals_nn_conv(kernel, padding):
   x = normal(0, (2, 5, 5, 7))
-  conv = models.Conv(4, kernel, padding=padding)
+  conv = layers.Conv(4, kernel, padding=padding)
   params = conv.init(jax.random.key(1), x)
   assert jax.tree.map(jnp.shape, params) == jax.tree.map(
       jnp.shape, nn.Conv(4, kernel).init(jax.random.key(1), x))
@@ -141,7 +142,7 @@ def test_the_conv_field_makes_every_convolution():
 
   def recording_conv(features, kernel_size, **kwargs):
     made.append(tuple(kernel_size))
-    return models.Conv(features, kernel_size, **kwargs)
+    return layers.Conv(features, kernel_size, **kwargs)
 
   x = jnp.zeros((1, 8, 8, 1))
   default = nin_jax.create_model('quickstart').init(jax.random.key(0), x)
@@ -243,7 +244,7 @@ def test_mlpconv_alone_in_other_flax_code():
     @nn.compact
     def __call__(self, x):
       x = nin_jax.MlpConv((8, 6, 4), kernel_size=3, padding=1)(x)
-      return models.global_average_pool(x)
+      return layers.global_average_pool(x)
   x = jnp.ones((3, 6, 6, 2))
   variables = Tiny().init(jax.random.key(0), x)
   assert Tiny().apply(variables, x).shape == (3, 4)
@@ -284,16 +285,16 @@ def test_readme_nnx_code_trains_with_batchnorm():
 
 def test_bernoulli_mask_rates_and_dropout_scaling():
   for keep in (0.5, 0.75, 0.3):
-    mask = models.bernoulli_mask(jax.random.key(0), keep, (64, 8, 8, 37))
+    mask = layers.bernoulli_mask(jax.random.key(0), keep, (64, 8, 8, 37))
     assert mask.shape == (64, 8, 8, 37) and mask.dtype == jnp.bool_
     assert abs(float(mask.mean()) - keep) < 0.01
   # Packed bits are independent: neighbours in a word agree half the time.
-  mask = np.asarray(models.bernoulli_mask(jax.random.key(1), 0.5, (512, 64)))
+  mask = np.asarray(layers.bernoulli_mask(jax.random.key(1), 0.5, (512, 64)))
   assert abs(np.mean(mask[:, :-1] == mask[:, 1:]) - 0.5) < 0.01
   x = jnp.ones((16, 64))
-  y = models.Dropout(0.5).apply({}, x, rngs={'dropout': jax.random.key(2)})
+  y = layers.Dropout(0.5).apply({}, x, rngs={'dropout': jax.random.key(2)})
   assert set(np.unique(np.asarray(y))) == {0.0, 2.0}
-  np.testing.assert_array_equal(models.Dropout(0.5, deterministic=True).apply(
+  np.testing.assert_array_equal(layers.Dropout(0.5, deterministic=True).apply(
       {}, x), x)
 
 
@@ -303,7 +304,7 @@ def test_batch_norm_matches_flax(dtype):
   g = normal(1, (16, 6, 6, 12))
   ref = nn.BatchNorm(use_running_average=False, momentum=0.9, epsilon=1e-5,
                      dtype=dtype)
-  ours = models.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
+  ours = layers.BatchNorm(momentum=0.9, epsilon=1e-5, dtype=dtype)
   variables = ref.init(jax.random.key(2), x)
   assert jax.tree.map(jnp.shape, variables) == jax.tree.map(
       jnp.shape, ours.init(jax.random.key(2), x, train=True))

@@ -18,6 +18,7 @@ from experiments import race
 from experiments import race_plan
 from nin_jax import config_lib
 from nin_jax import train
+from nin_jax import validation
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -91,17 +92,17 @@ def test_eval_flip_and_label_smoothing_are_validated(quickstart_config):
   c.train.eval_flip = True
   with pytest.raises(config_lib.ConfigError,
                      match=r'train\.eval_flip=True.*digit dataset.*False'):
-    train.validate_config(c)
+    validation.validate_config(c)
   c.train.eval_flip = False
   c.train.label_smoothing = 1.0
   with pytest.raises(config_lib.ConfigError,
                      match=r'train\.label_smoothing=1\.0.*\[0, 1\)'):
-    train.validate_config(c)
+    validation.validate_config(c)
 
 
 def test_the_fast_config_is_valid_and_flips_at_test_time():
   c = config_lib.load_config_file(str(REPO / 'configs' / 'cifar10_fast.py'))
-  train.validate_config(c)
+  validation.validate_config(c)
   assert c.train.eval_flip and c.train.label_smoothing > 0
   assert c.optim.schedule == 'one_cycle' and c.model.batch_norm
 

@@ -9,7 +9,7 @@ import pytest
 from nin_jax import config_lib
 from nin_jax import datasets
 from nin_jax import errors
-from nin_jax import train
+from nin_jax import validation
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / 'nin_jax'
 
@@ -76,8 +76,16 @@ def test_imports_are_seen_inside_functions(tmp_path):
     ('readers', {'errors'}),
     ('tfds_source', {'datasets', 'errors'}),
     ('streaming', {'datasets', 'errors', 'tfds_source'}),
-    ('input_pipeline', {'datasets', 'errors', 'preprocessing', 'readers',
-                        'streaming', 'tfds_source'}),
+    ('sources', {'datasets', 'errors', 'readers', 'tfds_source'}),
+    ('holdouts', {'datasets', 'errors', 'sources'}),
+    ('batching', {'streaming'}),
+    ('augmentation', {'datasets'}),
+    ('input_pipeline', {'augmentation', 'batching', 'datasets', 'errors',
+                        'holdouts', 'preprocessing', 'sources', 'streaming'}),
+    ('layers', set()),
+    ('models', {'layers'}),
+    ('model_factory', {'conv_select', 'errors', 'models'}),
+    ('hooks', {'checkpoints', 'errors', 'metric_writers'}),
 ])
 def test_data_modules_depend_only_on_what_is_below_them(module, allowed):
   assert imports(PACKAGE / f'{module}.py') <= allowed
@@ -121,4 +129,4 @@ def test_unknown_datasets_are_config_errors_naming_the_field(bad):
   c = config_lib.default_config()
   c.data.dataset = bad
   with pytest.raises(config_lib.ConfigError, match=r'config\.data\.dataset='):
-    train.validate_config(c)
+    validation.validate_config(c)

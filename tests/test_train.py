@@ -14,7 +14,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from helpers import grouped
+from nin_jax import batching
 from nin_jax import config_lib
+from nin_jax import datasets
+from nin_jax import errors
+from nin_jax import hooks
 from nin_jax import input_pipeline
 from nin_jax import metric_writers
 from nin_jax import train
@@ -29,7 +34,7 @@ def short(config, steps=30, **fields):
   config.train.log_every_steps = 1
   config.train.eval_every_steps = 10_000
   config.train.checkpoint_every_steps = 10
-  config.update(config_lib.upgrade(fields))  # Flat names: into subtrees.
+  config.update(grouped(fields))
   return config
 
 
@@ -127,29 +132,29 @@ def test_quickstart_learns_writes_and_resumes(quickstart_config, tmp_path,
 
 
 def test_batches_are_a_function_of_seed_and_step():
-  split = input_pipeline.Split(np.arange(100, dtype=np.float32)[:, None, None,
+  split = batching.Split(np.arange(100, dtype=np.float32)[:, None, None,
                                                                 None],
                                np.arange(100, dtype=np.int32))
-  idx = [input_pipeline.train_batch_indices(3, s, 32, 100) for s in range(9)]
+  idx = [batching.train_batch_indices(3, s, 32, 100) for s in range(9)]
   epoch0 = np.concatenate(idx[:3])
   assert len(set(epoch0.tolist())) == 96  # No repeats within an epoch.
   assert not np.array_equal(idx[0], idx[3])  # Reshuffled each epoch.
   np.testing.assert_array_equal(
-      idx[5], input_pipeline.train_batch_indices(3, 5, 32, 100))
+      idx[5], batching.train_batch_indices(3, 5, 32, 100))
   sharding = jax.sharding.NamedSharding(train.create_mesh(),
                                         jax.sharding.PartitionSpec('data'))
-  resumed = next(input_pipeline.train_batches(split, 3, 32, 5, sharding))
+  resumed = next(batching.train_batches(split, 3, 32, 5, sharding))
   np.testing.assert_array_equal(np.asarray(resumed['label']), idx[5])
 
 
 def test_eval_covers_every_example_once():
   n = 37
-  split = input_pipeline.Split(np.zeros((n, 2, 2, 1), np.float32),
+  split = batching.Split(np.zeros((n, 2, 2, 1), np.float32),
                                np.arange(n, dtype=np.int32) % 3)
   sharding = jax.sharding.NamedSharding(train.create_mesh(),
                                         jax.sharding.PartitionSpec('data'))
   seen = []
-  for batch in input_pipeline.eval_batches(split, 16, sharding):
+  for batch in batching.eval_batches(split, 16, sharding):
     seen.append(int(np.asarray(batch['mask']).sum()))
   assert sum(seen) == n and len(seen) == 3
 
@@ -276,7 +281,7 @@ def overflowing_run(overflow_bases, tmp_path, schedule='step', **fields):
   shutil.copytree(overflow_bases(schedule), workdir)
   c = overflow_base_config(schedule)
   c.train.num_train_steps, c.optim.learning_rate = 6, 1e300
-  c.update(config_lib.upgrade(fields))
+  c.update(grouped(fields))
   return c, str(workdir)
 
 
@@ -288,7 +293,7 @@ def test_update_that_overflows_is_stopped_and_never_saved(overflow_bases,
                                                           tmp_path, schedule):
   c, workdir = overflowing_run(overflow_bases, tmp_path, schedule)
   with pytest.raises(
-      train.NonFiniteError,
+      errors.NonFiniteError,
       match=r'^Step 4: the update overflowed the parameters, momentum or '
       r'BatchNorm statistics \(loss [0-9.]+, gradient norm [0-9.]+\); '
       r'stopped\. The last good checkpoint is step 4 in '
@@ -359,11 +364,11 @@ def test_images_per_second_count_training_time_alone(quickstart_config,
   """The first (compiling) step and time inside `paused` (evaluation,
   checkpoints) are left out of img/s and the ETA."""
   now = [0.0]
-  monkeypatch.setattr(train.time, 'perf_counter', lambda: now[0])
+  monkeypatch.setattr(hooks.time, 'perf_counter', lambda: now[0])
   c = quickstart_config
   c.train.batch_size, c.train.log_every_steps = 10, 4
   writer = FakeWriter()
-  log = train.TrainLog(c, writer, steps_per_epoch=100, total_steps=8,
+  log = hooks.TrainLog(c, writer, steps_per_epoch=100, total_steps=8,
                        num_classes=10)
   for done in range(1, 9):
     now[0] += 1000.0 if done == 1 else 2.0  # Step 1 compiles.
@@ -382,20 +387,26 @@ def test_images_per_second_count_training_time_alone(quickstart_config,
 def test_metrics_leave_the_device_only_at_log_eval_and_save_steps(
     quickstart_config, tmp_path, monkeypatch):
   flushed = []
-  flush = train.TrainLog.flush
+  flush = hooks.TrainLog.flush
 
   def recording(self, done, last_good):
     flushed.append(done)
     return flush(self, done, last_good)
 
-  monkeypatch.setattr(train.TrainLog, 'flush', recording)
+  monkeypatch.setattr(hooks.TrainLog, 'flush', recording)
   fetched = []
   device_get = jax.device_get
   monkeypatch.setattr(train.jax, 'device_get',
                       lambda x: fetched.append(1) or device_get(x))
+  lookups = []
+  lookup = datasets.lookup
+  monkeypatch.setattr(datasets, 'lookup',
+                      lambda name: lookups.append(name) or lookup(name))
   c = short(quickstart_config, steps=12, log_every_steps=5,
             eval_every_steps=8, checkpoint_every_steps=6)
   train.train_and_evaluate(c, str(tmp_path / 'run'))
+  # The run resolves its dataset once and hands the spec on.
+  assert lookups == ['sklearn:digits']
   assert flushed == [5, 6, 8, 10, 12]
   # One fetch per flush and one per evaluation (steps 8 and 12).
   assert len(fetched) == len(flushed) + 2
@@ -405,11 +416,11 @@ def test_nonfinite_step_is_reported_at_its_own_step_when_fetched_late(
     quickstart_config):
   c = quickstart_config
   c.train.log_every_steps = 10
-  log = train.TrainLog(c, FakeWriter(), 100, 100, 10)
+  log = hooks.TrainLog(c, FakeWriter(), 100, 100, 10)
   for done, finite in ((1, True), (2, True), (3, False), (4, False)):
     log.record(done, step_metrics(float('nan') if not finite else 1.0,
                                   finite))
-  with pytest.raises(train.NonFiniteError, match=r'^Step 2: loss nan'):
+  with pytest.raises(errors.NonFiniteError, match=r'^Step 2: loss nan'):
     log.flush(4, 'step 0')
 
 
@@ -441,8 +452,8 @@ def test_a_finished_run_resumed_evaluates_and_trains_no_further(
 def test_pipeline_batches_are_dicts_and_close(quickstart_config):
   images = np.arange(40, dtype=np.float32).reshape(10, 2, 2, 1)
   dataset = input_pipeline.Dataset(
-      'sklearn:digits', input_pipeline.Split(images, np.arange(10) % 3),
-      input_pipeline.Split(images[:7], np.arange(7) % 3), 3)
+      'sklearn:digits', batching.Split(images, np.arange(10) % 3),
+      batching.Split(images[:7], np.arange(7) % 3), 3)
   mesh = train.create_mesh()
   pipeline = input_pipeline.Pipeline(
       dataset, seed=0, batch_size=4, eval_batch_size=100,
@@ -454,7 +465,7 @@ def test_pipeline_batches_are_dicts_and_close(quickstart_config):
       4, 2, 2, 1)
   np.testing.assert_array_equal(
       np.asarray(batch['label']),
-      np.arange(10)[input_pipeline.train_batch_indices(0, 2, 4, 10)] % 3)
+      np.arange(10)[batching.train_batch_indices(0, 2, 4, 10)] % 3)
   evaluation = list(pipeline.eval_iter())
   # The batch of 100 shrinks to the 7 examples (rounded up to the devices).
   assert len(evaluation) == 1 and set(evaluation[0]) == {'image', 'label',

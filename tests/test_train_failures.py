@@ -11,6 +11,7 @@ import sys
 import pytest
 
 from nin_jax import config_lib
+from nin_jax import hooks
 from nin_jax import metric_writers
 from nin_jax import train
 
@@ -92,11 +93,11 @@ def test_nonfinite_remedies_name_only_what_the_model_does_not_use(
     weight_init, batch_norm, remedies):
   c = config_lib.default_config()
   c.model.weight_init, c.model.batch_norm = weight_init, batch_norm
-  assert train.nonfinite_remedies(c.model) == remedies
+  assert hooks.nonfinite_remedies(c.model) == remedies
 
 
 def test_a_run_stopped_before_any_save_says_it_has_no_checkpoint():
-  assert train.last_good_checkpoint(None, 'runs/x') == (
+  assert hooks.last_good_checkpoint(None, 'runs/x') == (
       'none (no checkpoint was saved: the run starts over)')
-  assert train.last_good_checkpoint(6, 'runs/x') == (
+  assert hooks.last_good_checkpoint(6, 'runs/x') == (
       'step 6 in runs/x/checkpoints')

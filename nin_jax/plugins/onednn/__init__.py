@@ -26,7 +26,7 @@ handlers. What the plugin cannot do:
 - Meshes with Explicit axes: the convolution falls back to `fallback` (XLA).
 - `jax.export`: the custom calls have no compatibility guarantee, so JAX
   refuses to serialize them (`ValueError` naming `NinConvForward`); export a
-  model built with conv_impl='xla' (`nin_jax.models.Conv`), as
+  model built with conv_impl='xla' (`nin_jax.layers.Conv`), as
   `nin_jax.inference.export` does.
 """
 
