@@ -38,6 +38,7 @@ import numpy as np
 from experiments import common
 from experiments import provenance
 from nin_jax import layers
+from nin_jax import models
 from nin_jax import runtime
 
 PRESETS = ('cifar10', 'cifar100', 'svhn', 'mnist', 'imagenet', 'quickstart')
@@ -157,7 +158,7 @@ class JaxRunner:
 
   def __init__(self, c, compiler_options: Optional[dict[str, Any]] = None):
     from nin_jax import train  # pylint: disable=g-import-not-at-top
-    shape = common.image_shape(c)
+    shape = models.PRESETS[c.model.preset].image_shape
     trainer = train.create_trainer(c, shape, c.train.batch_size * 100)
     self.model = trainer.model
     num_classes = self.model.num_classes

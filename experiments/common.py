@@ -34,7 +34,6 @@ from ml_collections import config_flags
 
 from nin_jax import cli
 from nin_jax import metric_writers
-from nin_jax import models
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 OVERRIDE = '--config.'
@@ -120,12 +119,6 @@ def load_config(spec: str, fields: Overrides = ()
     message = cli.describe_flag_error(e, argv)
     raise UserError(message.replace(path, spec)) from e  # As given.
   return config
-
-
-def image_shape(c: ml_collections.ConfigDict) -> tuple[int, int, int]:
-  """(height, width, channels) of the images of the config's preset."""
-  preset = models.PRESETS[c.model.preset]
-  return (preset.image_size, preset.image_size, preset.channels)
 
 
 def read_metrics(workdir: str

@@ -16,8 +16,8 @@ Each row is its own training, `python -m nin_jax.main --config=...
 --workdir=WORKDIR/TABLE/ROW --config.GROUP.FIELD=VALUE ...`, run one after the
 other from the repository root; the command is recorded, so a row can be rerun
 by hand. A row whose metrics.jsonl holds an evaluation at its final step is
-finished and is not run again (nin_jax.main would evaluate it once more and
-append a duplicate record); an unfinished one is relaunched and resumes from
+finished and is not run again (nin_jax.main would only evaluate it once
+more); an unfinished one is relaunched and resumes from
 its newest checkpoint. A row whose config (config.json) is that of a finished
 row of another table in the same WORKDIR (`dropout/dropout` and `heads/gap`
 are the same run) is not trained again: its folder becomes a link to that row's
@@ -63,7 +63,8 @@ import ml_collections
 from absl import logging
 
 from experiments import common
-from experiments import provenance
+from experiments import paper_table_defs as defs
+from experiments import paper_table_report as report
 from nin_jax import datasets
 from nin_jax import errors
 from nin_jax import tfds_source
@@ -71,103 +72,10 @@ from nin_jax import train
 
 REPO = common.REPO
 
-# The author's model: the ablations compare on it unless --base says otherwise,
-# at half the author's learning rate: at 0.1 it stalls at ln(10) here, at 0.05
-# it learns (README, Initialization).
-AUTHOR_MODEL = 'configs/cifar10.py:faithful'
-AUTHOR_FIELDS = (('optim.learning_rate', 0.05),)
 WALL_FILE = 'wall_seconds.json'  # In WORKDIR/TABLE: seconds per row, summed.
 DATA_ENV = 'NIN_JAX_DATA_DIR'
 # Names a dataset's npz may have in --data (datasets.py reads both for SVHN).
 NPZ_NAMES = {'svhn_cropped': ('svhn', 'svhn_cropped')}
-
-
-@dataclasses.dataclass(frozen=True)
-class Variant:
-  """One row of a table: its name and workdir key, the paper's test error
-  (percent; None where the paper shows it only in a figure), the config it
-  runs without --base, and the fields the table varies."""
-  name: str
-  key: str
-  paper_error: Optional[float]
-  config: Optional[str] = None
-  fields: tuple[tuple[str, Any], ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Table:
-  """A table of the paper. `base`: the config every row runs unless --base
-  names one (None: each row's own `config`, and a --base run sets the rows'
-  `fields`); `base_fields`: what every row sets on `base` (not on --base)."""
-  name: str
-  description: str
-  variants: tuple[Variant, ...]
-  base: Optional[str] = None
-  base_fields: tuple[tuple[str, Any], ...] = ()
-
-
-# Test errors (%) from Lin, Chen & Yan, "Network In Network", ICLR 2014
-# (arXiv:1312.4400v3): Table 1 CIFAR-10, Table 2 CIFAR-100, Table 3 SVHN,
-# Table 4 MNIST, Table 5 GAP against fully connected heads on CIFAR-10. The
-# dropout ablation is Figure 3 (Section 4.2): dropout between the mlpconv
-# layers "reduced the test error by more than 20%"; the paper gives no number
-# for the model without dropout (the figure only; no copy of the text found
-# through the project's search tools states one), so that row's is None. The
-# row with dropout is the paper's NIN + Dropout, 10.41% (Table 1).
-TABLES = {t.name: t for t in (
-    Table('cifar10', 'CIFAR-10 without and with data augmentation '
-          '(the paper\'s Table 1)', (
-              Variant('NIN + dropout', 'no_augmentation', 10.41,
-                      'configs/cifar10.py', (('data.augment', False),)),
-              Variant('NIN + dropout + augmentation', 'augmentation', 8.81,
-                      'configs/cifar10_aug.py', (('data.augment', True),)))),
-    Table('cifar100', 'CIFAR-100 (the paper\'s Table 2)', (
-        Variant('NIN + dropout', 'cifar100', 35.68, 'configs/cifar100.py'),)),
-    Table('svhn', 'SVHN (the paper\'s Table 3)', (
-        Variant('NIN + dropout', 'svhn', 2.35, 'configs/svhn.py'),)),
-    Table('mnist', 'MNIST (the paper\'s Table 4)', (
-        Variant('NIN + dropout', 'mnist', 0.47, 'configs/mnist.py'),)),
-    Table('heads', 'global average pooling against fully connected heads on '
-          'CIFAR-10 (the paper\'s Table 5)', (
-              Variant('GAP', 'gap', 10.41, None,
-                      (('model.head', 'gap'),
-                       ('model.head_dropout_rate', 0.0))),
-              Variant('fully connected', 'fc', 11.59, None,
-                      (('model.head', 'fc'), ('model.head_dropout_rate', 0.0))),
-              Variant('fully connected + dropout', 'fc_dropout', 10.88, None,
-                      (('model.head', 'fc'),
-                       ('model.head_dropout_rate', 0.5)))),
-          base=AUTHOR_MODEL, base_fields=AUTHOR_FIELDS),
-    Table('dropout', 'dropout between the mlpconv layers on CIFAR-10 (the '
-          'paper\'s Figure 3, Section 4.2)', (
-              Variant('dropout 0.5', 'dropout', 10.41, None,
-                      (('model.dropout_rate', 0.5),)),
-              Variant('no dropout', 'no_dropout', None, None,
-                      (('model.dropout_rate', 0.0),))),
-          base=AUTHOR_MODEL, base_fields=AUTHOR_FIELDS),
-)}
-
-
-@dataclasses.dataclass
-class Row:
-  """One row to run: the command's parts and, once known, why it is skipped
-  and what it reached."""
-  variant: Variant
-  config: str                       # --config=, as the command has it.
-  overrides: dict[str, Any]         # Dotted field -> value, in order.
-  workdir: str
-  skip: Optional[str] = None        # Why it does not run (not run).
-  note: Optional[str] = None        # A change the data forced.
-  error: Optional[float] = None     # Test error at the final step, percent.
-  steps: Optional[int] = None
-  epochs: Optional[float] = None
-  wall_seconds: Optional[float] = None
-
-  def command(self, python: str = 'python') -> list[str]:
-    """argv of the row's training, run from the repository root."""
-    return [python, '-m', 'nin_jax.main', f'--config={self.config}',
-            f'--workdir={self.workdir}'] + [
-                common.override(k, v) for k, v in self.overrides.items()]
 
 
 def config_path(spec: str) -> str:
@@ -249,9 +157,9 @@ def data_overrides(config: ml_collections.ConfigDict, data_dir: Optional[str],
   return {}, None, None
 
 
-def build_rows(table: Table, base: Optional[str], steps: Optional[int],
+def build_rows(table: defs.Table, base: Optional[str], steps: Optional[int],
                epochs: Optional[float], data_dir: Optional[str],
-               extra: Sequence[tuple[str, str]], workdir: str) -> list[Row]:
+               extra: Sequence[tuple[str, str]], workdir: str) -> list[defs.Row]:
   """Every row of `table` with its config and --config overrides: the
   fields the table varies (with a base config), the budget's, the data's,
   then `extra` (field, value as typed), which every row gets."""
@@ -263,7 +171,7 @@ def build_rows(table: Table, base: Optional[str], steps: Optional[int],
     varied = {**own, **dict(variant.fields)} if base else {}
     config = common.load_config(config_spec, {**varied, **dict(extra)})
     fields, skip, note = data_overrides(config, data_dir, prepared)
-    row = Row(variant, config_spec,
+    row = defs.Row(variant, config_spec,
               {**varied, **budget_overrides(config, steps, epochs), **fields,
                **dict(extra)},
               os.path.join(workdir, table.name, variant.key), skip, note)
@@ -272,7 +180,7 @@ def build_rows(table: Table, base: Optional[str], steps: Optional[int],
   return rows
 
 
-def row_config(row: Row) -> ml_collections.ConfigDict:
+def row_config(row: defs.Row) -> ml_collections.ConfigDict:
   """The config the row's command trains."""
   return common.load_config(row.config, row.overrides)
 
@@ -290,7 +198,7 @@ def final_step(config: ml_collections.ConfigDict,
                                round(per_epoch) * config.train.batch_size)
 
 
-def read_result(row: Row) -> bool:
+def read_result(row: defs.Row) -> bool:
   """Fills in the row's error, steps and epochs from its metrics.jsonl if it
   holds an evaluation at the final step; whether it does (the row is done)."""
   train_records, evals = common.read_metrics(row.workdir)
@@ -313,7 +221,7 @@ def read_result(row: Row) -> bool:
   return True
 
 
-def run_row(row: Row) -> tuple[int, float, str]:
+def run_row(row: defs.Row) -> tuple[int, float, str]:
   """Trains the row (its output streamed through); (exit status, wall
   seconds, the last `nin_jax: error:` line or the last line)."""
   argv = row.command(sys.executable)
@@ -346,7 +254,7 @@ def _add_wall_time(table_dir: pathlib.Path, key: str, seconds: float) -> None:
   (table_dir / WALL_FILE).write_text(json.dumps(times, indent=2) + '\n')
 
 
-def same_run(row: Row, workdir: str) -> Optional[Row]:
+def same_run(row: defs.Row, workdir: str) -> Optional[defs.Row]:
   """A finished row of another table under `workdir` that trained the row's
   config (its config.json is the row's), as a Row reading that folder; None
   if there is none."""
@@ -363,7 +271,7 @@ def same_run(row: Row, workdir: str) -> Optional[Row]:
   return None
 
 
-def reuse(row: Row, other: Row, table_dir: pathlib.Path) -> None:
+def reuse(row: defs.Row, other: defs.Row, table_dir: pathlib.Path) -> None:
   """Makes the row's folder a link to `other`'s, which trained the same
   config, and gives the row that run's results and wall time."""
   source = pathlib.Path(other.workdir)
@@ -377,14 +285,14 @@ def reuse(row: Row, other: Row, table_dir: pathlib.Path) -> None:
   _note_reuse(row)
 
 
-def _note_reuse(row: Row) -> None:
+def _note_reuse(row: defs.Row) -> None:
   """Adds to the row's note which row's run it shows."""
   source = pathlib.Path(row.workdir).resolve()
   reused = f'the run of {source.parent.name}/{source.name}, the same config'
   row.note = f'{row.note}; {reused}' if row.note else reused
 
 
-def run_table(table: Table, rows: list[Row], workdir: str) -> None:
+def run_table(table: defs.Table, rows: list[defs.Row], workdir: str) -> None:
   """Runs every row that is neither skipped nor finished, one at a time."""
   table_dir = pathlib.Path(workdir) / table.name
   for row in rows:
@@ -421,128 +329,6 @@ def run_table(table: Table, rows: list[Row], workdir: str) -> None:
     row.wall_seconds = times.get(row.variant.key)
 
 
-def config_text(table: Table, base: Optional[str]) -> Optional[str]:
-  """The config every row runs: --base, or the table's own with the fields it
-  sets on it ('configs/cifar10.py:faithful, optim.learning_rate=0.05'); None
-  when each row runs its own."""
-  if base is not None or table.base is None:
-    return base
-  return ', '.join([table.base] + [f'{field}={common.flag_value(value)}'
-                                   for field, value in table.base_fields])
-
-
-def budget_text(steps: Optional[int], epochs: Optional[float]) -> str:
-  if steps is not None:
-    return f'{steps} steps per row'
-  if epochs is not None:
-    return f'{epochs:g} epochs per row'
-  return "the configs' own lengths (the paper's full runs)"
-
-
-def _seconds_text(seconds: Optional[float]) -> str:
-  if seconds is None:
-    return ''
-  return f'{seconds:.0f} s' if seconds < 120 else f'{seconds / 60:.1f} min'
-
-
-def _cell(text: str) -> str:
-  return text.replace('|', '\\|')
-
-
-def markdown(table: Table, rows: list[Row], base: Optional[str],
-             budget: str) -> str:
-  """The table: variant, the paper's test error, ours, length, wall time and
-  the command (run from the repository root)."""
-  lines = [
-      f'# {table.name}: {table.description}', '',
-      f'Config: {config_text(table, base) or "each row its own"}; '
-      f'budget: {budget}. '
-      'Test error in percent; the paper\'s from Lin, Chen & Yan, Network In '
-      'Network (ICLR 2014). Commands run from the repository root.', '',
-      "| variant | paper's test error (%) | ours (%) | steps | epochs | "
-      'wall time | command |',
-      '| --- | --- | --- | --- | --- | --- | --- |']
-  for row in rows:
-    paper = ('figure only' if row.variant.paper_error is None
-             else f'{row.variant.paper_error:.2f}')
-    if row.error is not None and row.skip is None:
-      ours = f'{row.error:.2f}'
-    elif row.skip is not None:
-      ours = f'not run: {row.skip}'
-    else:
-      ours = 'not finished'
-    if row.note:
-      ours += f' ({row.note})'
-    lines.append('| ' + ' | '.join(_cell(c) for c in (
-        row.variant.name, paper, ours,
-        '' if row.steps is None else str(row.steps),
-        '' if row.epochs is None else f'{row.epochs:.2f}',
-        _seconds_text(row.wall_seconds),
-        f'`{shlex.join(row.command())}`')) + ' |')
-  return '\n'.join(lines) + '\n'
-
-
-def summary(table: Table, rows: list[Row], base: Optional[str],
-            steps: Optional[int], epochs: Optional[float]) -> dict[str, Any]:
-  """The .json: every row, errors in percent (`error` null if not run)."""
-  return {
-      'table': table.name,
-      'description': table.description,
-      'base': config_text(table, base),
-      'budget': {'steps': steps, 'epochs': epochs},
-      'error_unit': 'percent',
-      'rows': [{
-          'variant': row.variant.name,
-          'paper_error': row.variant.paper_error,
-          'error': None if row.skip is not None else row.error,
-          'steps': row.steps,
-          'epochs': row.epochs,
-          'wall_seconds': row.wall_seconds,
-          'command': shlex.join(row.command()),
-          'workdir': row.workdir,
-          'not_run': row.skip,
-          'note': row.note,
-      } for row in rows],
-      **provenance.header()}
-
-
-def plot(table: Table, rows: list[Row], config: str, budget: str,
-         out: str) -> bool:
-  """Test error against epoch, one line per row that evaluated (the paper's
-  number dashed in the same colour); False if none did."""
-  import matplotlib  # The 'plot' extra: imported only when plotting.
-  matplotlib.use('Agg')
-  import matplotlib.pyplot as plt
-  from experiments import plot_curves  # Reads metrics.jsonl.
-  from nin_jax import inference
-  runs = []
-  for row in rows:
-    try:
-      run = plot_curves.read_run(row.workdir)
-    except (inference.WorkdirError, OSError):
-      continue
-    if run.eval['epoch'].size:
-      runs.append((row, run))
-  if not runs:
-    return False
-  fig, ax = plt.subplots(figsize=(8, 5), layout='constrained')
-  for row, run in runs:
-    line, = ax.plot(run.eval['epoch'], 100 * run.eval['error'], marker='.',
-                    label=row.variant.name)
-    if row.variant.paper_error is not None:
-      ax.axhline(row.variant.paper_error, color=line.get_color(),
-                 linestyle='--', linewidth=1,
-                 label=f'{row.variant.name}: paper')
-  ax.set_xlabel('epoch')
-  ax.set_ylabel(f'{runs[0][1].eval_split} error (%)')
-  ax.set_title(f'{table.name} ({config}): {budget}')
-  ax.grid(True, alpha=0.3)
-  ax.legend(fontsize=9)
-  fig.savefig(out, dpi=100)
-  plt.close(fig)
-  return True
-
-
 def _positive_int(text: str) -> int:
   value = int(text)
   if value <= 0:
@@ -562,7 +348,7 @@ def parse_args(argv: Optional[list[str]]
   """The flags, and the --config.FIELD=VALUE overrides for every row."""
   parser = common.ArgumentParser('paper_tables',
                                  description=__doc__.split('\n')[0])
-  parser.add_argument('--table', required=True, choices=sorted(TABLES))
+  parser.add_argument('--table', required=True, choices=sorted(defs.TABLES))
   parser.add_argument('--workdir', required=True,
                       help='rows train in WORKDIR/TABLE/ROW; the table is '
                       'written to WORKDIR/TABLE.{json,md,png}')
@@ -573,7 +359,7 @@ def parse_args(argv: Optional[list[str]]
                       help='train every row this many epochs')
   parser.add_argument('--base', help='CONFIG[:VARIANT] to run the rows on, '
                       f'changing only what the table varies (heads, dropout: '
-                      f'default {AUTHOR_MODEL} with learning rate 0.05)')
+                      f'default {defs.AUTHOR_MODEL} with learning rate 0.05)')
   parser.add_argument('--data', default=os.environ.get(DATA_ENV),
                       help='folder with the Keras-layout npz files (NAME.npz '
                       f'or NAME/NAME.npz); default ${DATA_ENV}')
@@ -585,7 +371,7 @@ def parse_args(argv: Optional[list[str]]
 
 def main(argv: Optional[list[str]] = None) -> None:
   args, extra = parse_args(argv)
-  table = TABLES[args.table]
+  table = defs.TABLES[args.table]
   workdir = os.path.abspath(args.workdir)  # Orbax wants absolute paths.
   base = None
   if args.base is not None:
@@ -601,15 +387,17 @@ def main(argv: Optional[list[str]] = None) -> None:
   except (common.UserError, errors.ConfigError) as e:
     common.fail('paper_tables', str(e))
   run_table(table, rows, workdir)
-  budget = budget_text(args.steps, args.epochs)
+  budget = report.budget_text(args.steps, args.epochs)
   out = pathlib.Path(workdir)
   out.mkdir(parents=True, exist_ok=True)
   (out / f'{table.name}.json').write_text(json.dumps(
-      summary(table, rows, base, args.steps, args.epochs), indent=2) + '\n')
-  (out / f'{table.name}.md').write_text(markdown(table, rows, base, budget))
-  wrote_png = plot(table, rows,
-                   config_text(table, base) or 'each row its own config',
-                   budget, str(out / f'{table.name}.png'))
+      report.summary(table, rows, base, args.steps, args.epochs),
+      indent=2) + '\n')
+  (out / f'{table.name}.md').write_text(
+      report.markdown(table, rows, base, budget))
+  wrote_png = report.plot(
+      table, rows, report.config_text(table, base) or 'each row its own config',
+      budget, str(out / f'{table.name}.png'))
   print(f'paper_tables: wrote {out / table.name}.json, .md'
         f'{", .png" if wrote_png else " (no row has evaluated: no .png)"}',
         flush=True)

@@ -110,8 +110,7 @@ def calibrate_jax(config: str, fields: list[tuple[str, str]],
   from experiments import benchmark
   from nin_jax import runtime
   c = common.load_config(config, fields)
-  runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
-                        c.runtime.cpu_devices)
+  runtime.configure_cpu_for(c)
   runner = benchmark.JaxRunner(c)
   benchmark.time_steps(runner.train_step, 3)
   return {'seconds_per_step': float(np.median(

@@ -56,8 +56,7 @@ def run(name: str, config_file: str, npz_relpath: str, doc: str) -> None:
     c = common.load_config(f'configs/{config_file}', fields + overrides)
   except common.UserError as e:
     common.fail(name, str(e))
-  runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
-                        c.runtime.cpu_devices)
+  runtime.configure_cpu_for(c)
   workdir = os.path.abspath(args.workdir)  # Orbax needs absolute paths.
   start = time.time()
   try:

@@ -33,7 +33,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from experiments import common
 from experiments import race_plan
 from experiments import torch_nin
 from nin_jax import batching
@@ -149,7 +148,7 @@ def seconds_per_step(c: ml_collections.ConfigDict, steps: int,
   trainer = create_trainer(c, c.train.batch_size * 100, warmup + steps)
   rng = np.random.default_rng(0)
   num_classes = models.PRESETS[c.model.preset].num_classes
-  images = rng.normal(size=(c.train.batch_size, *common.image_shape(c))
+  images = rng.normal(size=(c.train.batch_size, *models.PRESETS[c.model.preset].image_shape)
                       ).astype(np.float32)
   labels = rng.integers(0, num_classes, c.train.batch_size).astype(np.int32)
   times = []

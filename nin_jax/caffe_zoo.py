@@ -210,7 +210,7 @@ def cifar10_spec(c: ml_collections.ConfigDict,
   spec = datasets.lookup(c.data.dataset)
   raw = sources.load_raw(c.data, spec)
   preset = models.PRESETS['cifar10']
-  shape = (preset.image_size, preset.image_size, preset.channels)
+  shape = preset.image_shape
   if raw.x_train.shape[1:] != shape:
     raise DataError(
         f'{c.data.dataset}: images of shape {raw.x_train.shape[1:]}; the '

@@ -55,8 +55,7 @@ def main(argv):
   with cli.user_errors():
     c = inference.read_config(FLAGS.workdir)
     # Before JAX starts: the training run's split over virtual CPU devices.
-    runtime.configure_cpu((c.train.batch_size, c.train.eval_batch_size),
-                          c.runtime.cpu_devices)
+    runtime.configure_cpu_for(c)
     try:
       result = inference.evaluate(FLAGS.workdir, FLAGS.step, FLAGS.split,
                                   FLAGS.flip, **overrides)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import ml_collections
@@ -176,17 +176,6 @@ class Pipeline:
     """The evaluation split, each example once."""
     return batching.eval_batches(self.dataset.eval, self.eval_batch_size,
                         self.sharding)
-
-
-def device_normalize_fn(data: ml_collections.ConfigDict,
-                        spec: datasets.DatasetSpec
-                        ) -> Optional[Callable[[jax.Array], jax.Array]]:
-  """For a streamed dataset (uint8 batches) the normalization of
-  config.data.preprocessing, run on device first in both steps; None otherwise
-  (in-memory splits are normalized on the host once)."""
-  if not spec.streamed:
-    return None
-  return preprocessing.normalizer(streamed_fitted(data, spec))
 
 
 def streamed_fitted(data: ml_collections.ConfigDict,

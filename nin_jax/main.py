@@ -44,9 +44,7 @@ def main(argv):
   except config_lib.ConfigError as e:
     cli.fail(str(e))
   if FLAGS.coordinator_address is None and FLAGS.distributed != 'on':
-    runtime.configure_cpu(
-        (FLAGS.config.train.batch_size, FLAGS.config.train.eval_batch_size),
-        FLAGS.config.runtime.cpu_devices)
+    runtime.configure_cpu_for(FLAGS.config)
   try:
     runtime.initialize(FLAGS.coordinator_address, FLAGS.num_processes,
                        FLAGS.process_id, FLAGS.distributed)

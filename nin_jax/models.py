@@ -205,6 +205,11 @@ class Preset:
   image_size: int
   channels: int
 
+  @property
+  def image_shape(self) -> tuple[int, int, int]:
+    """[height, width, channels] of the square images it was built for."""
+    return (self.image_size, self.image_size, self.channels)
+
 
 PRESETS: dict[str, Preset] = {
     # cuda-convnet NIN/cifar10_def (max pooling); the Caffe model zoo file

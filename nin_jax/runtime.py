@@ -147,6 +147,13 @@ def configure_cpu(batch_sizes: Sequence[int] = (),
   return count
 
 
+def configure_cpu_for(c: ml_collections.ConfigDict) -> Optional[int]:
+  """`configure_cpu` for a run of config `c`: its training and evaluation
+  batches, at most config.runtime.cpu_devices devices."""
+  return configure_cpu((c.train.batch_size, c.train.eval_batch_size),
+                       c.runtime.cpu_devices)
+
+
 def validate_config(r: ml_collections.ConfigDict) -> None:
   """Raises ConfigError naming the first invalid field of config.runtime."""
   check_count('runtime.cpu_devices', r.cpu_devices, 'automatic')

@@ -13,10 +13,10 @@ at least `image_size` pixels, then the crop is resized bilinearly in one step.
   image_size / 0.875, then the central image_size square.
 
 Batches leave the host as uint8 [batch, size, size, 3] and are normalized on
-device (input_pipeline.device_normalize_fn). Each example's random draws come
-from (seed, step, its row in the global batch), so they do not depend on the
-process count and a resumed run crops exactly as an uninterrupted one. The
-pipeline (input_pipeline.py) reads batches ahead in a background thread.
+device, in the compiled steps (input_pipeline.streamed_fitted). Each example's
+random draws come from (seed, step, its row in the global batch), so they do
+not depend on the process count and a resumed run crops exactly as an
+uninterrupted one. batching.py reads batches ahead in a background thread.
 """
 
 from __future__ import annotations

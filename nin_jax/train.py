@@ -36,6 +36,7 @@ from nin_jax import metric_writers
 from nin_jax import model_factory
 from nin_jax import models
 from nin_jax import optimizer as optimizer_lib
+from nin_jax import preprocessing
 from nin_jax import validation
 
 DATA_AXIS = 'data'
@@ -206,21 +207,22 @@ def evaluate(eval_fn: Callable, state: TrainState,
   return {**metrics, 'error': 1.0 - accuracy, 'examples': count}
 
 
-def compile_steps(c: ml_collections.ConfigDict, spec: datasets.DatasetSpec,
-                  model: models.NiN, tx: optax.GradientTransformation,
+def compile_steps(c: ml_collections.ConfigDict, model: models.NiN,
+                  tx: optax.GradientTransformation,
                   schedule: optimizer_lib.Schedule, mesh: Mesh,
-                  state_sharding: Any) -> tuple[Callable, Callable]:
+                  state_sharding: Any, normalize_fn: Optional[Callable] = None,
+                  augment_fn: Optional[Callable] = None
+                  ) -> tuple[Callable, Callable]:
   """The jitted train and eval steps, batch sharded over 'data'.
 
-  A streamed dataset's uint8 batches are normalized inside both steps
-  (`spec`: the registry's entry for c.data.dataset).
+  `normalize_fn` (a streamed dataset's uint8 batches) runs first in both
+  steps, `augment_fn` (images, key) in the train step.
   """
   data = NamedSharding(mesh, P(DATA_AXIS))
-  normalize_fn = input_pipeline.device_normalize_fn(c.data, spec)
   train_fn = jax.jit(
       _under_mesh(mesh, _normalize_first(functools.partial(
           train_step, model=model, tx=tx, schedule=schedule,
-          augment_fn=augmentation.device_augment_fn(c.data, spec),
+          augment_fn=augment_fn,
           plateau=c.optim.schedule == 'plateau',
           label_smoothing=c.train.label_smoothing), normalize_fn)),
       in_shardings=(state_sharding, data),
@@ -297,14 +299,21 @@ class Trainer:
 def create_trainer(c: ml_collections.ConfigDict,
                    image_shape: tuple[int, int, int], num_train_examples: int,
                    mesh: Optional[Mesh] = None,
-                   spec: Optional[datasets.DatasetSpec] = None) -> Trainer:
+                   spec: Optional[datasets.DatasetSpec] = None,
+                   fitted: Optional[preprocessing.Fitted] = None) -> Trainer:
   """Builds the model, optimizer, replicated initial state and jitted steps.
 
-  `image_shape` [height, width, channels] of the (preprocessed) inputs;
-  `spec`: c.data.dataset's registry entry, if already resolved.
+  `image_shape` [height, width, channels] of the (preprocessed) inputs.
+  `spec` and `fitted`: c.data.dataset's registry entry and normalization, as
+  the loaded dataset has them (resolved here when not given); a streamed
+  dataset's batches are normalized with `fitted` on device.
   """
   mesh = create_mesh() if mesh is None else mesh
   spec = datasets.lookup(c.data.dataset) if spec is None else spec
+  normalize_fn = None
+  if spec.streamed:
+    normalize_fn = preprocessing.normalizer(
+        fitted or input_pipeline.streamed_fitted(c.data, spec))
   replicated = NamedSharding(mesh, P())
   model = model_factory.build_model(c.model)
   per_epoch = batching.steps_per_epoch(num_train_examples, c.train.batch_size)
@@ -317,8 +326,9 @@ def create_trainer(c: ml_collections.ConfigDict,
                                     tuple(image_shape)),
                   static_argnums=0, out_shardings=replicated)(c.train.seed)
   state_sharding = jax.tree.map(lambda x: x.sharding, state)
-  train_fn, eval_fn = compile_steps(c, spec, model, tx, schedule, mesh,
-                                    state_sharding)
+  train_fn, eval_fn = compile_steps(
+      c, model, tx, schedule, mesh, state_sharding, normalize_fn,
+      augmentation.device_augment_fn(c.data, spec))
   return Trainer(model, tx, schedule, state, train_fn, eval_fn, mesh,
                  NamedSharding(mesh, P(DATA_AXIS)), per_epoch, total_steps)
 
@@ -383,7 +393,7 @@ def train_and_evaluate(c: ml_collections.ConfigDict, workdir: str,
   """
   dataset = prepare(c, workdir, spec)
   trainer = create_trainer(c, dataset.image_shape, len(dataset.train),
-                           spec=dataset.spec)
+                           spec=dataset.spec, fitted=dataset.fitted)
   pipeline = input_pipeline.Pipeline(dataset, c.train.seed, c.train.batch_size,
                                      c.train.eval_batch_size,
                                      trainer.data_sharding)

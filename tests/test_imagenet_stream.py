@@ -18,6 +18,7 @@ from nin_jax import inference
 from nin_jax import input_pipeline
 from nin_jax import input_spec
 from nin_jax import models
+from nin_jax import preprocessing
 from nin_jax import streaming
 from nin_jax import tfds_source
 from nin_jax import train
@@ -316,20 +317,26 @@ def test_missing_imagenet_fails_fast(tmp_path, offline):
   assert live_input_threads() == []
 
 
-def test_device_normalization_and_no_device_augment(imagenet_dir):
+def test_device_normalization_and_no_device_augment(imagenet_dir, dataset):
+  """A streamed dataset carries the fixed normalization its batches get on
+  device; it is augmented on the host, never in the train step."""
   c = imagenet_config(imagenet_dir)
   assert augmentation.device_augment_fn(c.data, IMAGENET) is None
+  fixed = input_pipeline.streamed_fitted(c.data, IMAGENET)
+  assert (dataset.fitted.method, dataset.fitted.max_value) == (
+      fixed.method, fixed.max_value) == ('standardize', 255)
+  for name in ('mean', 'std'):
+    np.testing.assert_array_equal(dataset.fitted.arrays[name],
+                                  fixed.arrays[name])
   pixels = np.arange(24, dtype=np.uint8).reshape(1, 2, 4, 3) * 10
-  out = np.asarray(input_pipeline.device_normalize_fn(c.data, IMAGENET)(pixels))
+  normalize = lambda data: np.asarray(preprocessing.normalizer(
+      input_pipeline.streamed_fitted(data, IMAGENET))(pixels))
   mean = np.array([0.485, 0.456, 0.406]) * 255
   std = np.array([0.229, 0.224, 0.225]) * 255
-  np.testing.assert_allclose(out, (pixels - mean) / std, rtol=1e-5)
+  np.testing.assert_allclose(normalize(c.data), (pixels - mean) / std,
+                             rtol=1e-5)
   c.data.preprocessing = 'scale'
-  np.testing.assert_allclose(
-      np.asarray(input_pipeline.device_normalize_fn(c.data, IMAGENET)(pixels)),
-      pixels / 255.0, rtol=1e-6)
-  assert input_pipeline.device_normalize_fn(
-      config_lib.default_config().data, datasets.lookup('tfds:cifar10')) is None
+  np.testing.assert_allclose(normalize(c.data), pixels / 255.0, rtol=1e-6)
 
 
 def test_train_and_evaluate_streams_imagenet(imagenet_dir, tmp_path,

@@ -21,6 +21,8 @@ import sys
 import pytest
 from PIL import Image
 
+from experiments import paper_table_defs
+from experiments import paper_table_report
 from experiments import paper_tables
 from helpers import shared_run
 from nin_jax import config_lib
@@ -192,7 +194,7 @@ def test_row_without_final_evaluation_is_unfinished(dropout, tmp_path):
   (a run killed before), the row is run again and resumes."""
   workdir, _, _ = dropout
   rows = paper_tables.build_rows(
-      paper_tables.TABLES['dropout'], QUICKSTART, STEPS, None, None, [],
+      paper_table_defs.TABLES['dropout'], QUICKSTART, STEPS, None, None, [],
       str(workdir))
   assert all(paper_tables.read_result(row) for row in rows)
   metrics = metric_writers.read_metrics(rows[0].workdir)
@@ -300,7 +302,7 @@ def data_dir(tmp_path):
 
 
 def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
-  rows = paper_tables.build_rows(paper_tables.TABLES['heads'], None, 50,
+  rows = paper_tables.build_rows(paper_table_defs.TABLES['heads'], None, 50,
                                  None, str(data_dir), [], '/w')
   assert [r.config for r in rows] == ['configs/cifar10.py:faithful'] * 3
   budget = {'train.num_train_steps': 50, 'train.eval_every_steps': 10,
@@ -327,20 +329,20 @@ def test_heads_rows_vary_only_the_head_on_the_authors_model(data_dir):
     assert ours.model.weight_init == 'faithful' and not ours.model.batch_norm
     assert ours.optim.learning_rate == 0.05
   # A --base gets only what the table varies: its own learning rate stays.
-  (gap, *_) = paper_tables.build_rows(paper_tables.TABLES['heads'],
+  (gap, *_) = paper_tables.build_rows(paper_table_defs.TABLES['heads'],
                                       'configs/cifar10.py', 50, None,
                                       str(data_dir), [], '/w')
   assert 'optim.learning_rate' not in gap.overrides
   # The .md, .json and .png name the config with what the table sets on it.
-  tables = paper_tables.TABLES
-  assert paper_tables.config_text(tables['heads'], None) == (
+  tables = paper_table_defs.TABLES
+  assert paper_table_report.config_text(tables['heads'], None) == (
       'configs/cifar10.py:faithful, optim.learning_rate=0.05')
-  assert paper_tables.config_text(tables['heads'], QUICKSTART) == QUICKSTART
-  assert paper_tables.config_text(tables['cifar10'], None) is None
+  assert paper_table_report.config_text(tables['heads'], QUICKSTART) == QUICKSTART
+  assert paper_table_report.config_text(tables['cifar10'], None) is None
 
 
 def test_dropout_rows_and_epochs_budget(data_dir):
-  rows = paper_tables.build_rows(paper_tables.TABLES['dropout'], QUICKSTART,
+  rows = paper_tables.build_rows(paper_table_defs.TABLES['dropout'], QUICKSTART,
                                  None, 2.5, str(data_dir), [], '/w')
   assert [r.config for r in rows] == [QUICKSTART] * 2
   assert overrides(rows) == [
@@ -349,23 +351,23 @@ def test_dropout_rows_and_epochs_budget(data_dir):
 
 
 def test_dataset_tables_use_their_configs_or_the_base(data_dir):
-  rows = paper_tables.build_rows(paper_tables.TABLES['cifar10'], None, None,
+  rows = paper_tables.build_rows(paper_table_defs.TABLES['cifar10'], None, None,
                                  None, str(data_dir), [], '/w')
   assert [r.config for r in rows] == ['configs/cifar10.py',
                                       'configs/cifar10_aug.py']
   npz = {'data.dataset': f'npz:{data_dir / "cifar10.npz"}'}
   assert overrides(rows) == [npz, npz]  # Their own lengths, their own fields.
-  rows = paper_tables.build_rows(paper_tables.TABLES['cifar10'], QUICKSTART,
+  rows = paper_tables.build_rows(paper_table_defs.TABLES['cifar10'], QUICKSTART,
                                  None, None, str(data_dir), [], '/w')
   assert [r.config for r in rows] == [QUICKSTART] * 2
   assert overrides(rows) == [{'data.augment': False}, {'data.augment': True}]
-  (mnist,) = paper_tables.build_rows(paper_tables.TABLES['mnist'], None, 7,
+  (mnist,) = paper_tables.build_rows(paper_table_defs.TABLES['mnist'], None, 7,
                                      None, str(data_dir), [], '/w')
   assert mnist.config == 'configs/mnist.py' and mnist.skip is None
   assert mnist.overrides['data.dataset'] == (
       f'npz:{data_dir / "mnist" / "mnist.npz"}')
   assert mnist.overrides['train.eval_every_steps'] == 1
-  (svhn,) = paper_tables.build_rows(paper_tables.TABLES['svhn'], None, None,
+  (svhn,) = paper_tables.build_rows(paper_table_defs.TABLES['svhn'], None, None,
                                     None, str(data_dir), [], '/w')
   assert svhn.overrides == {'data.dataset': f'npz:{data_dir / "svhn.npz"}',
                             'data.use_extra_split': False}
@@ -374,7 +376,7 @@ def test_dataset_tables_use_their_configs_or_the_base(data_dir):
 
 def test_extra_overrides_reach_every_row(data_dir):
   rows = paper_tables.build_rows(
-      paper_tables.TABLES['heads'], QUICKSTART, None, None, None,
+      paper_table_defs.TABLES['heads'], QUICKSTART, None, None, None,
       [('train.seed', '3'), ('optim.learning_rate', '0.05')], '/w')
   for row in rows:
     assert row.command()[-2:] == ['--config.train.seed=3',
