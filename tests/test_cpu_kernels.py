@@ -66,15 +66,18 @@ def value_and_grads(conv, x, w, g):
   return (y, *vjp(g))
 
 
-@needs_plugin
-@pytest.mark.parametrize('shape', [
+SHAPES = [
     # batch, height, width, in, out, kernel, pad
     (4, 9, 9, 5, 7, 5, 2),
     (3, 8, 6, 16, 12, 3, 1),
     (2, 7, 7, 11, 13, 1, 0),
     (2, 10, 10, 3, 8, 3, 0),  # VALID: the output shrinks.
     (2, 5, 5, 4, 6, 5, 3),    # padding larger than the kernel's half.
-])
+]
+
+
+@needs_plugin
+@pytest.mark.parametrize('shape', SHAPES)
 def test_onednn_conv_matches_xla_forward_and_gradients(shape):
   n, h, w_, ci, co, k, pad = shape
   x = normal(0, (n, h, w_, ci))
@@ -87,6 +90,25 @@ def test_onednn_conv_matches_xla_forward_and_gradients(shape):
   for a, b, name in zip(ours, ref, ('y', 'dx', 'dw')):
     assert a.shape == b.shape, name
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+@pytest.mark.parametrize('shape', SHAPES)
+def test_other_platforms_lower_the_three_calls_to_what_they_compute(shape):
+  """Lowered for TPU or GPU (a step exported from a CPU host), the plugin's
+  forward, input-gradient and weight-gradient primitives become these XLA
+  functions; each gives what XLA's own convolution and its gradients give,
+  shapes included (the handlers are checked against the same above)."""
+  n, h, w_, ci, co, k, pad = shape
+  x = normal(0, (n, h, w_, ci))
+  w = normal(1, (k, k, ci, co), 0.2)
+  g = normal(2, (n, h + 2 * pad - k + 1, w_ + 2 * pad - k + 1, co))
+  y, vjp = jax.vjp(lambda x, w: xla_conv(x, w, pad), x, w)
+  dx, dw = vjp(g)
+  for ours, ref, name in ((onednn._xla_conv(x, w, pad), y, 'y'),
+                          (onednn._xla_conv_bwd_data(g, w, pad), dx, 'dx'),
+                          (onednn._xla_conv_bwd_weights(x, g, pad), dw, 'dw')):
+    assert ours.shape == ref.shape, name
+    np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
 @needs_plugin

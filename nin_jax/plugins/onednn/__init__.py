@@ -222,8 +222,29 @@ def _eager(prim, pad: int, threads: int):
   return jax.jit(functools.partial(prim.bind, pad=pad, threads=threads))
 
 
-def _primitive(name: str, target: str, shape_rule) -> jex_core.Primitive:
-  """A JAX primitive of two arrays that calls the FFI handler `target`."""
+def _xla_conv(x, kernel, pad: int):
+  """What the forward handler computes, in XLA: a stride-1 NHWC x HWIO
+  convolution with `pad` zeros on each side."""
+  return jax.lax.conv_general_dilated(
+      x, kernel, (1, 1), [(pad, pad)] * 2,
+      dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+
+
+def _xla_conv_bwd_data(dy, kernel, pad: int):
+  x = jnp.zeros(_bwd_data_shape(dy, kernel, pad), dy.dtype)
+  return jax.vjp(lambda x: _xla_conv(x, kernel, pad), x)[1](dy)[0]
+
+
+def _xla_conv_bwd_weights(x, dy, pad: int):
+  kernel = jnp.zeros(_bwd_weights_shape(x, dy, pad), x.dtype)
+  return jax.vjp(lambda k: _xla_conv(x, k, pad), kernel)[1](dy)[0]
+
+
+def _primitive(name: str, target: str, shape_rule,
+               xla_rule) -> jex_core.Primitive:
+  """A JAX primitive of two arrays that calls the FFI handler `target` on
+  the CPU backend; every other platform (a program exported or lowered for
+  TPU or GPU from a CPU host) gets `xla_rule`, the same function in XLA."""
   prim = jex_core.Primitive(name)
   prim.def_impl(lambda a, b, *, pad, threads: _eager(prim, pad, threads)(a, b))
   prim.def_abstract_eval(lambda a, b, *, pad, threads: a.update(
@@ -244,16 +265,22 @@ def _primitive(name: str, target: str, shape_rule) -> jex_core.Primitive:
                        **params)
     return jax.lax.map(one, moved), 0
 
+  mlir.register_lowering(prim, mlir.lower_fun(
+      lambda a, b, *, pad, threads: xla_rule(a, b, pad),
+      multiple_results=False))
   mlir.register_lowering(prim, lower, platform='cpu')
   batching.primitive_batchers[prim] = batch
   return prim
 
 
-_conv_p = _primitive('nin_onednn_conv', _TARGETS['fwd'], _fwd_shape)
+_conv_p = _primitive('nin_onednn_conv', _TARGETS['fwd'], _fwd_shape,
+                     _xla_conv)
 _conv_bwd_data_p = _primitive('nin_onednn_conv_bwd_data',
-                              _TARGETS['bwd_data'], _bwd_data_shape)
+                              _TARGETS['bwd_data'], _bwd_data_shape,
+                              _xla_conv_bwd_data)
 _conv_bwd_weights_p = _primitive('nin_onednn_conv_bwd_weights',
-                                 _TARGETS['bwd_weights'], _bwd_weights_shape)
+                                 _TARGETS['bwd_weights'], _bwd_weights_shape,
+                                 _xla_conv_bwd_weights)
 
 
 def _conv(x, kernel, pad: int, threads: int):
