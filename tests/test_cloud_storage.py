@@ -300,3 +300,83 @@ def test_refused_credentials_are_one_line_before_training(emulator,
                            f'Storage refused to {access} it'), line
     assert 'Forbidden' in line and 'does not have storage.objects' in line
     assert 'check the credentials' in line, line
+
+
+# ----------------------------------------- a TFDS data_dir in the bucket --
+
+def upload_tree(client, local, prefix):
+  """Every file under `local` to gs://BUCKET/PREFIX/ (relative paths kept)."""
+  bucket = client.bucket(BUCKET)
+  for path in sorted(local.rglob('*')):
+    if path.is_file():
+      bucket.blob(f'{prefix}/{path.relative_to(local)}').upload_from_filename(
+          str(path))
+
+
+@pytest.fixture(scope='module')
+def bucket_tfds(emulator, tmp_path_factory):
+  """A prepared TFDS `mnist` (real digits from scikit-learn, upscaled to
+  28 x 28: 300 train, 60 test images) in gs://BUCKET/tfds, as
+  experiments/tpu_pod.sh expects the data: `tfds_source.write_prepared`
+  writes it locally, the plain client uploads it."""
+  from nin_jax import readers, tfds_source  # pylint: disable=g-import-not-at-top
+  x_train, y_train, x_test, y_test = readers.load_digits()
+  big = lambda x: np.kron(np.asarray(x[..., 0] * 15, np.uint8),
+                          np.ones((3, 3), np.uint8))
+  pad = lambda x: np.pad(big(x), ((0, 0), (2, 2), (2, 2)))[..., None]
+  local = tmp_path_factory.mktemp('tfds')
+  tfds_source.write_prepared('mnist', str(local), {
+      'train': (pad(x_train[:300]), y_train[:300]),
+      'test': (pad(x_test[:60]), y_test[:60])})
+  upload_tree(emulator, local, 'tfds')
+  return f'gs://{BUCKET}/tfds'
+
+
+def tfds_run(data_dir, workdir, *extra):
+  """nin_jax.main on tfds:mnist read from `data_dir`; ArrayRecord's own
+  Cloud Storage client is pointed at the emulator as it documents
+  (CLOUD_STORAGE_EMULATOR_ENDPOINT)."""
+  env = dict(os.environ, JAX_PLATFORMS='cpu',
+             CLOUD_STORAGE_EMULATOR_ENDPOINT=os.environ['STORAGE_EMULATOR_HOST'],
+             XLA_FLAGS='--xla_force_host_platform_device_count=1')
+  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
+  return subprocess.run(
+      [sys.executable, '-m', 'nin_jax.main', '--config=configs/mnist.py',
+       f'--workdir={workdir}', '--config.data.dataset=tfds:mnist',
+       f'--config.data.data_dir={data_dir}', '--config.train.batch_size=20',
+       '--config.train.eval_batch_size=60', '--config.train.num_train_steps=3',
+       '--config.train.log_every_steps=1', *extra],
+      capture_output=True, text=True, timeout=600, env=env,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.mark.slow
+def test_a_tfds_data_dir_in_the_bucket_trains_with_the_workdir_there_too(
+    emulator, bucket_tfds):
+  """The pod script's layout: data from gs://BUCKET/tensorflow_datasets-like
+  folder, workdir in the same bucket; every example of both splits read."""
+  out = tfds_run(bucket_tfds, f'gs://{BUCKET}/tfds_run')
+  assert out.returncode == 0, out.stderr[-3000:]
+  config, metrics, _ = read_back(emulator, 'tfds_run')
+  assert config['data']['data_dir'] == bucket_tfds
+  assert [r['step'] for r in metrics if r['split'] == 'train'] == [1, 2, 3]
+  [test] = [r for r in metrics if r['split'] == 'test']
+  assert test['examples'] == 60 and test['step'] == 3
+  assert 'Read tfds:mnist train: 300 images' in out.stderr
+
+
+def test_a_dataset_missing_from_the_bucket_is_one_line(emulator,
+                                                       bucket_tfds):
+  """As locally: one line naming the dataset and the folder, before anything
+  is compiled, and no workdir written."""
+  workdir = f'gs://{BUCKET}/missing_run'
+  out = tfds_run(bucket_tfds, workdir, '--config.data.dataset=tfds:cifar10',
+                 '--config.model.preset=cifar10')
+  assert out.returncode == 2, out.stderr[-3000:]
+  [line] = error_lines(out.stderr)
+  assert line.startswith(
+      'nin_jax: error: config.data.dataset=tfds:cifar10: no prepared copy in '
+      f'{bucket_tfds}/cifar10/3.0.2 (TFDS data_dir {bucket_tfds}), and '
+      'nin-jax never downloads.'), line
+  assert 'Traceback' not in out.stderr
+  assert blob_names(emulator, 'missing_run/') == []
