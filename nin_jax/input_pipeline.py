@@ -46,6 +46,9 @@ def validate_config(data: ml_collections.ConfigDict,
   (`spec`: the registry's entry for data.dataset)."""
   check(data.preprocessing in preprocessing.METHODS, 'data.preprocessing',
         data.preprocessing, f'must be one of {preprocessing.METHODS}')
+  check('://' not in data.cache_dir, 'data.cache_dir', data.cache_dir,
+        'must be a local directory: each host keeps its own copy of the ZCA '
+        "statistics ('' = $XDG_CACHE_HOME/nin_jax or ~/.cache/nin_jax)")
   check_count('data.max_train_examples', data.max_train_examples, 'all')
   check(data.translate_pixels >= 0, 'data.translate_pixels',
         data.translate_pixels, 'must be >= 0')

@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from helpers import error_lines
+from helpers import error_lines, grouped
 from nin_jax import config_lib
 from nin_jax import input_pipeline
 from nin_jax import layers
@@ -38,6 +38,7 @@ BAD_FIELDS = [
     ('schedule', 'linear', 'config.optim.schedule'),
     ('optimizer', 'adam', 'config.optim.optimizer'),
     ('preprocessing', 'pca', 'config.data.preprocessing'),
+    ('cache_dir', 'gs://bucket/cache', "config.data.cache_dir='gs://bucket/cache': must be a local directory"),
     ('batch_size', 0, 'config.train.batch_size'),
     ('batch_size', -8, 'config.train.batch_size'),
     ('eval_batch_size', 0, 'config.train.eval_batch_size'),
@@ -59,6 +60,10 @@ BAD_FIELDS = [
 
 
 def set_field(c, field, value):
+  """Sets FIELD (dotted, or named by its last part alone) to `value`."""
+  if '.' not in field:
+    [(group, _)] = grouped({field: value}).items()
+    field = f'{group}.{field}'
   node = c
   *parents, last = field.split('.')
   for p in parents:
