@@ -34,6 +34,28 @@ def grouped(fields: dict) -> dict:
   return groups
 
 
+def random_images(rng: np.random.Generator, n: int) -> list[np.ndarray]:
+  """n uint8 images [h, w, 3] of varied sizes, the last one grayscale."""
+  images = []
+  for h, w in rng.integers(24, 90, (n, 2)):
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1)
+    noise = rng.integers(0, 40, (h, w, 3))
+    images.append(np.clip(smooth + noise, 0, 255).astype(np.uint8))
+  images[-1] = images[-1][..., :1]
+  return images
+
+
+def write_tiny_imagenet(data_dir: pathlib.Path) -> None:
+  """A tiny prepared imagenet2012 in the TFDS data_dir `data_dir`: 40 train
+  and 12 validation JPEGs of varied sizes, random labels (seed 0)."""
+  from nin_jax import tfds_source  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  splits = {'train': (random_images(rng, 40), rng.integers(0, 1000, 40)),
+            'validation': (random_images(rng, 12), rng.integers(0, 1000, 12))}
+  tfds_source.write_prepared('imagenet2012', str(data_dir), splits)
+
+
 def shared_data_dir() -> pathlib.Path:
   """Real datasets (MNIST, CIFAR-10 .npz); override with NIN_JAX_DATA_DIR."""
   return pathlib.Path(os.environ.get('NIN_JAX_DATA_DIR',

@@ -380,3 +380,55 @@ def test_a_dataset_missing_from_the_bucket_is_one_line(emulator,
       'nin-jax never downloads.'), line
   assert 'Traceback' not in out.stderr
   assert blob_names(emulator, 'missing_run/') == []
+
+
+@pytest.mark.slow
+def test_streamed_imagenet_reads_from_the_bucket_what_it_reads_locally(
+    emulator, tmp_path, monkeypatch):
+  """The streamed imagenet2012 (synthetic JPEGs) from a data_dir in the
+  bucket: the same crops and labels, batch for batch, as from the local copy
+  it was uploaded from; and a second process's rows of each global batch
+  come from the same bucket (the rows of process 1 of 2)."""
+  from helpers import write_tiny_imagenet  # pylint: disable=g-import-not-at-top
+  from nin_jax import batching, config_lib, datasets, input_pipeline  # pylint: disable=g-import-not-at-top
+  local = tmp_path / 'imagenet'
+  write_tiny_imagenet(local)
+  upload_tree(emulator, local, 'imagenet_tfds')
+  monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT',
+                     os.environ['STORAGE_EMULATOR_HOST'])
+  spec = datasets.lookup('tfds:imagenet2012')
+  sharding = jax_sharding()
+
+  def batches(data_dir, rows=None):
+    c = config_lib.default_config()
+    c.model.preset = 'imagenet'
+    c.data.update(dataset='tfds:imagenet2012', data_dir=str(data_dir),
+                  preprocessing='standardize', augment=True, image_size=32,
+                  data_workers=2)
+    dataset = input_pipeline.load_dataset(c.data, spec, 1000)
+    if rows is not None:
+      monkeypatch.setattr(batching, 'process_rows', rows)
+    out = []
+    for it, n in ((batching.train_batches(dataset.train, 3, 8, 0, sharding), 3),
+                  (batching.eval_batches(dataset.eval, 8, sharding), 2)):
+      with it:
+        out += [{k: np.asarray(v) for k, v in next(it).items()}
+                for _ in range(n)]
+    return out
+
+  here, there = batches(local), batches(f'gs://{BUCKET}/imagenet_tfds')
+  assert len(here) == len(there) == 5
+  for a, b in zip(here, there):
+    assert a.keys() == b.keys()
+    for k in a:
+      np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+  second = batches(f'gs://{BUCKET}/imagenet_tfds',
+                   rows=lambda n: slice(n // 2, n))
+  for whole, half in zip(here, second):
+    np.testing.assert_array_equal(whole['image'][4:], half['image'][:4])
+    np.testing.assert_array_equal(whole['label'][4:], half['label'][:4])
+
+
+def jax_sharding():
+  import jax  # pylint: disable=g-import-not-at-top
+  return jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import grouped
+from helpers import grouped, write_tiny_imagenet
 from nin_jax import augmentation
 from nin_jax import batching
 from nin_jax import config_lib
@@ -20,7 +20,6 @@ from nin_jax import input_spec
 from nin_jax import models
 from nin_jax import preprocessing
 from nin_jax import streaming
-from nin_jax import tfds_source
 from nin_jax import train
 from nin_jax import validation
 
@@ -34,28 +33,12 @@ TINY_PRESET = models.Preset((
 ), 1000, SIZE, 3)
 
 
-def random_images(rng, n):
-  """n uint8 images [h, w, 3] of varied sizes, the last one grayscale."""
-  images = []
-  for h, w in rng.integers(24, 90, (n, 2)):
-    yy, xx = np.mgrid[0:h, 0:w]
-    smooth = np.stack([xx * 255 // w, yy * 255 // h, (xx + yy) % 256], -1)
-    noise = rng.integers(0, 40, (h, w, 3))
-    images.append(np.clip(smooth + noise, 0, 255).astype(np.uint8))
-  images[-1] = images[-1][..., :1]
-  return images
-
-
-
 @pytest.fixture(scope='module')
 def imagenet_dir(tmp_path_factory):
   """A TFDS data_dir holding a tiny prepared imagenet2012: 40 train and 12
   validation JPEGs of varied sizes; returns (data_dir, labels by split)."""
   data_dir = tmp_path_factory.mktemp('imagenet')
-  rng = np.random.default_rng(0)
-  splits = {'train': (random_images(rng, 40), rng.integers(0, 1000, 40)),
-            'validation': (random_images(rng, 12), rng.integers(0, 1000, 12))}
-  tfds_source.write_prepared('imagenet2012', str(data_dir), splits)
+  write_tiny_imagenet(data_dir)
   return data_dir
 
 
