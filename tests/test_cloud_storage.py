@@ -432,3 +432,31 @@ def test_streamed_imagenet_reads_from_the_bucket_what_it_reads_locally(
 def jax_sharding():
   import jax  # pylint: disable=g-import-not-at-top
   return jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
+@pytest.mark.slow
+def test_two_processes_train_from_the_bucket_into_the_bucket(
+    emulator, bucket_tfds, tmp_path, monkeypatch):
+  """tfds:mnist read from the bucket by 2 processes (launch_local, 1 CPU
+  device each), the workdir in the bucket: both processes' shards in its
+  checkpoint, one metrics line per step, the whole test split evaluated."""
+  monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT',
+                     os.environ['STORAGE_EMULATOR_HOST'])
+  workdir = f'gs://{BUCKET}/tfds_two'
+  code = launch_local.launch(
+      ['--config=configs/mnist.py', f'--workdir={workdir}',
+       '--config.data.dataset=tfds:mnist',
+       f'--config.data.data_dir={bucket_tfds}',
+       '--config.train.batch_size=20', '--config.train.eval_batch_size=60',
+       '--config.train.num_train_steps=3', '--config.train.log_every_steps=1'],
+      2, 1, str(tmp_path / 'logs'), timeout=600)
+  log = (tmp_path / 'logs' / 'process_0.log').read_text()
+  assert code == 0, log[-3000:]
+  assert 'Process 0 of 2' in log, log[-3000:]
+  names = blob_names(emulator, 'tfds_two/checkpoints/3/default/')
+  assert {n.split('/')[4] for n in names if 'ocdbt.process_' in n} == {
+      'ocdbt.process_0', 'ocdbt.process_1'}, names
+  _, metrics, _ = read_back(emulator, 'tfds_two')
+  assert [r['step'] for r in metrics if r['split'] == 'train'] == [1, 2, 3]
+  [test] = [r for r in metrics if r['split'] == 'test']
+  assert test['examples'] == 60
