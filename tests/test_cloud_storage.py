@@ -16,6 +16,8 @@ import json
 import os
 import signal
 import struct
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -339,7 +341,6 @@ def tfds_run(data_dir, workdir, *extra):
   env = dict(os.environ, JAX_PLATFORMS='cpu',
              CLOUD_STORAGE_EMULATOR_ENDPOINT=os.environ['STORAGE_EMULATOR_HOST'],
              XLA_FLAGS='--xla_force_host_platform_device_count=1')
-  import subprocess, sys  # pylint: disable=g-import-not-at-top,multiple-imports
   return subprocess.run(
       [sys.executable, '-m', 'nin_jax.main', '--config=configs/mnist.py',
        f'--workdir={workdir}', '--config.data.dataset=tfds:mnist',
@@ -387,8 +388,9 @@ def test_streamed_imagenet_reads_from_the_bucket_what_it_reads_locally(
     emulator, tmp_path, monkeypatch):
   """The streamed imagenet2012 (synthetic JPEGs) from a data_dir in the
   bucket: the same crops and labels, batch for batch, as from the local copy
-  it was uploaded from; and a second process's rows of each global batch
-  come from the same bucket (the rows of process 1 of 2)."""
+  it was uploaded from; a second process's rows of each global batch come
+  from the same bucket (the rows of process 1 of 2); and a run trains from
+  it into a workdir in the bucket."""
   from helpers import write_tiny_imagenet  # pylint: disable=g-import-not-at-top
   from nin_jax import batching, config_lib, datasets, input_pipeline  # pylint: disable=g-import-not-at-top
   local = tmp_path / 'imagenet'
@@ -427,6 +429,42 @@ def test_streamed_imagenet_reads_from_the_bucket_what_it_reads_locally(
   for whole, half in zip(here, second):
     np.testing.assert_array_equal(whole['image'][4:], half['image'][:4])
     np.testing.assert_array_equal(whole['label'][4:], half['label'][:4])
+  monkeypatch.undo()
+
+  # And a run of a 1000-class NiN small enough for a few steps, streamed
+  # from the bucket into a workdir in it, evaluated on all 12 images (in a
+  # process of its own, which ends, uploads included, while the emulator
+  # still runs).
+  out = subprocess.run([sys.executable, '-c', TINY_IMAGENET_RUN,
+                        f'gs://{BUCKET}/imagenet_tfds',
+                        f'gs://{BUCKET}/imagenet_run'],
+                       capture_output=True, text=True, timeout=600,
+                       env=dict(os.environ, JAX_PLATFORMS='cpu',
+                                CLOUD_STORAGE_EMULATOR_ENDPOINT=os.environ[
+                                    'STORAGE_EMULATOR_HOST']))
+  assert out.returncode == 0, out.stderr[-3000:]
+  result = json.loads(out.stdout.strip().splitlines()[-1])
+  assert result['step'] == 3 and result['examples'] == 12, result
+  _, metrics, _ = read_back(emulator, 'imagenet_run')
+  assert [r['step'] for r in metrics if r['split'] == 'train'] == [1, 2, 3]
+
+
+TINY_IMAGENET_RUN = r'''
+import json, sys
+from nin_jax import config_lib, models, train
+models.PRESETS['tiny_imagenet'] = models.Preset((
+    models.BlockSpec((16,), kernel_size=3, stride=2, pool='max'),
+    models.BlockSpec((16,), kernel_size=3, padding=1),
+), 1000, 32, 3)
+c = config_lib.default_config()
+c.model.update(preset='tiny_imagenet', weight_init='modern', batch_norm=True)
+c.data.update(dataset='tfds:imagenet2012', data_dir=sys.argv[1],
+              preprocessing='standardize', augment=True, data_workers=2)
+c.train.update(batch_size=8, eval_batch_size=8, num_train_steps=3,
+               log_every_steps=1)
+result = train.train_and_evaluate(c, sys.argv[2])
+print(json.dumps({k: result[k] for k in ('step', 'examples')}))
+'''
 
 
 def jax_sharding():
