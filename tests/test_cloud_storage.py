@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 
+import jax
 import numpy as np
 import pytest
 
@@ -399,7 +400,7 @@ def test_streamed_imagenet_reads_from_the_bucket_what_it_reads_locally(
   monkeypatch.setenv('CLOUD_STORAGE_EMULATOR_ENDPOINT',
                      os.environ['STORAGE_EMULATOR_HOST'])
   spec = datasets.lookup('tfds:imagenet2012')
-  sharding = jax_sharding()
+  sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
   def batches(data_dir, rows=None):
     c = config_lib.default_config()
@@ -465,11 +466,6 @@ c.train.update(batch_size=8, eval_batch_size=8, num_train_steps=3,
 result = train.train_and_evaluate(c, sys.argv[2])
 print(json.dumps({k: result[k] for k in ('step', 'examples')}))
 '''
-
-
-def jax_sharding():
-  import jax  # pylint: disable=g-import-not-at-top
-  return jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
 @pytest.mark.slow
